@@ -1,0 +1,40 @@
+"""Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
+from .config import MoEConfig, MoEConfigError
+from .dispatch import DispatchPlan, build_dispatch_plan
+from .experts import DenseMLP, MoEMLP, StackedMLPExperts
+from .losses import (
+    scene_supervision_loss,
+    scene_targets_from_labels,
+    switch_balance_loss,
+)
+from .pooling import masked_mean_pool
+from .router import (
+    LOSS_BALANCE,
+    LOSS_SCENE_BALANCE,
+    LOSS_SCENE_SUPERVISION,
+    LOSS_Z,
+    HierarchicalRouter,
+    Routing,
+)
+from .stats import RoutingStatsMeter
+
+__all__ = [
+    "MoEConfig",
+    "MoEConfigError",
+    "DispatchPlan",
+    "build_dispatch_plan",
+    "DenseMLP",
+    "MoEMLP",
+    "StackedMLPExperts",
+    "scene_supervision_loss",
+    "scene_targets_from_labels",
+    "switch_balance_loss",
+    "masked_mean_pool",
+    "LOSS_BALANCE",
+    "LOSS_SCENE_BALANCE",
+    "LOSS_SCENE_SUPERVISION",
+    "LOSS_Z",
+    "HierarchicalRouter",
+    "Routing",
+    "RoutingStatsMeter",
+]

@@ -1,0 +1,142 @@
+"""Validated settings of a hierarchical instance-conditioned MoE (framework-agnostic)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Dict, Mapping
+
+
+class MoEConfigError(ValueError):
+    """An invalid HI-MoE setting. ``key`` names the setting as the user wrote it."""
+
+    def __init__(self, key: str, value: Any, reason: str):
+        self.key = key
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{key}={value!r}: {reason}")
+
+    def renamed(self, key_of: Callable[[str], str]) -> "MoEConfigError":
+        """The same error, with the setting named the way a framework's config names it."""
+        return MoEConfigError(key_of(self.key), self.value, self.reason)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Settings of the hierarchical router, the experts and the auxiliary losses.
+
+    Scene level: the scene router scores ``num_groups`` expert groups per image (``num_groups=0``
+    means one group per expert) and keeps the best ``scene_top_k`` groups. Instance level: every
+    instance is sent to its ``top_k`` experts among the experts of its image's kept groups.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    num_groups: int = 0
+    scene_top_k: int = 4
+    scene_temperature: float = 1.0
+    scene_noise_std: float = 0.0
+    instance_jitter: float = 0.0
+    instance_uses_scene_probs: bool = True
+    shared_expert: bool = False
+    shared_expert_weight: float = 0.5
+    capacity_factor: float = 0.0
+    balance_loss_weight: float = 0.01
+    scene_balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    scene_supervision_weight: float = 0.0
+    global_balance: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_int("num_experts", minimum=1)
+        self._check_int("num_groups", minimum=0)
+        if self.num_groups > self.num_experts:
+            self._fail("num_groups", f"more groups than experts (num_experts={self.num_experts})")
+        if self.num_experts % self.groups != 0:
+            self._fail("num_groups", f"must divide num_experts={self.num_experts}")
+        self._check_int("scene_top_k", minimum=1)
+        if self.scene_top_k > self.groups:
+            self._fail(
+                "scene_top_k",
+                f"the scene subset cannot hold more groups than exist ({self.groups} groups "
+                f"of {self.experts_per_group} experts)",
+            )
+        self._check_int("top_k", minimum=1)
+        if self.top_k > self.subset_size:
+            self._fail(
+                "top_k",
+                f"larger than the scene subset: scene_top_k={self.scene_top_k} groups of "
+                f"{self.experts_per_group} experts leave {self.subset_size} eligible experts",
+            )
+        self._check_float("scene_temperature", minimum=0.0, inclusive=False)
+        self._check_float("scene_noise_std", minimum=0.0)
+        self._check_float("instance_jitter", minimum=0.0)
+        if self.instance_jitter >= 1.0:
+            self._fail("instance_jitter", "must be < 1 (inputs are scaled by U(1-eps, 1+eps))")
+        self._check_float("shared_expert_weight", minimum=0.0, inclusive=False)
+        if self.shared_expert_weight >= 1.0:
+            self._fail("shared_expert_weight", "must be < 1 (routed experts get 1 - weight)")
+        self._check_float("capacity_factor", minimum=0.0)
+        for name in (
+            "balance_loss_weight",
+            "scene_balance_loss_weight",
+            "z_loss_weight",
+            "scene_supervision_weight",
+        ):
+            self._check_float(name, minimum=0.0)
+        for name in ("instance_uses_scene_probs", "shared_expert", "global_balance"):
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, "must be a boolean")
+
+    @property
+    def groups(self) -> int:
+        """Number of expert groups the scene router chooses among."""
+        return self.num_groups or self.num_experts
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.groups
+
+    @property
+    def subset_size(self) -> int:
+        """Number of experts eligible for the instances of one image."""
+        return self.scene_top_k * self.experts_per_group
+
+    def capacity(self, num_instances: int) -> int:
+        """Per-expert capacity for ``num_instances`` instances; 0 means dropless."""
+        if self.capacity_factor == 0.0:
+            return 0
+        return max(1, math.ceil(self.capacity_factor * num_instances * self.top_k / self.num_experts))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], key_of: Callable[[str], str] = str
+    ) -> "MoEConfig":
+        """Build from a framework's config mapping; errors name keys through ``key_of``."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise MoEConfigError(key_of(key), values[key], f"unknown setting; known: {sorted(known)}")
+        try:
+            return cls(**dict(values))
+        except MoEConfigError as err:
+            raise err.renamed(key_of) from None
+
+    def _fail(self, name: str, reason: str) -> None:
+        raise MoEConfigError(name, getattr(self, name), reason)
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._fail(name, "must be an integer")
+        if value < minimum:
+            self._fail(name, f"must be >= {minimum}")
+
+    def _check_float(self, name: str, minimum: float, inclusive: bool = True) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self._fail(name, "must be a finite number")
+        if value < minimum or (not inclusive and value == minimum):
+            self._fail(name, f"must be {'>=' if inclusive else '>'} {minimum}")

@@ -1,0 +1,80 @@
+"""Sparse dispatch: group routed (instance, expert) assignments by expert, with optional capacity."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+@dataclass
+class DispatchPlan:
+    """Which instance rows every expert processes, in expert order.
+
+    ``A`` is the number of kept assignments (``N * k`` minus dropped ones).
+
+    Attributes:
+        num_instances: N, rows of the input.
+        instance_index: (A,) long, input row of each kept assignment, grouped by expert.
+        combine_weight: (A,) float32, the routing weight each kept assignment is scaled by.
+        rows_per_expert: length-E list of ints, how many kept assignments each expert gets
+            (a host list: splitting by it is the one host sync of the dispatch).
+        kept: (N, k) bool, which of the routed assignments survived the capacity limit.
+    """
+
+    num_instances: int
+    instance_index: torch.Tensor
+    combine_weight: torch.Tensor
+    rows_per_expert: List[int]
+    kept: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.rows_per_expert)
+
+
+def build_dispatch_plan(
+    expert_index: torch.Tensor,
+    combine_weight: torch.Tensor,
+    confidence: torch.Tensor,
+    num_experts: int,
+    capacity: int = 0,
+) -> DispatchPlan:
+    """Sort the assignments of ``expert_index`` (N, k) by expert.
+
+    Args:
+        expert_index: (N, k) long, expert of each assignment.
+        combine_weight: (N, k) float, weight applied to each expert output.
+        confidence: (N, k) float, router probability of each assignment; when ``capacity`` > 0
+            an expert keeps its ``capacity`` most confident assignments and drops the rest.
+        capacity: maximum assignments per expert; 0 means dropless.
+    """
+    num_instances, top_k = expert_index.shape
+    device = expert_index.device
+    flat_expert = expert_index.reshape(-1)
+    flat_instance = torch.arange(num_instances, device=device).repeat_interleave(top_k)
+    if capacity > 0:
+        # Most confident first, then (stably) by expert: rank within an expert = drop priority.
+        by_confidence = torch.argsort(confidence.reshape(-1), descending=True, stable=True)
+        order = by_confidence[torch.argsort(flat_expert[by_confidence], stable=True)]
+        sorted_expert = flat_expert[order]
+        per_expert = torch.bincount(sorted_expert, minlength=num_experts)
+        first_of_expert = torch.cumsum(per_expert, 0) - per_expert
+        rank_in_expert = torch.arange(order.numel(), device=device) - first_of_expert[sorted_expert]
+        keep_sorted = rank_in_expert < capacity
+        kept = torch.zeros_like(flat_expert, dtype=torch.bool)
+        kept[order[keep_sorted]] = True
+        order = order[keep_sorted]
+        sorted_expert = sorted_expert[keep_sorted]
+    else:
+        order = torch.argsort(flat_expert, stable=True)
+        sorted_expert = flat_expert[order]
+        kept = torch.ones_like(flat_expert, dtype=torch.bool)
+    rows_per_expert = torch.bincount(sorted_expert, minlength=num_experts).tolist()
+    return DispatchPlan(
+        num_instances=num_instances,
+        instance_index=flat_instance[order],
+        combine_weight=combine_weight.reshape(-1)[order],
+        rows_per_expert=rows_per_expert,
+        kept=kept.view(num_instances, top_k),
+    )

@@ -1,0 +1,176 @@
+"""Experts: E multi-layer perceptrons with stacked weights, run sparsely through a DispatchPlan."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatch import DispatchPlan
+
+
+class StackedMLPExperts(nn.Module):
+    """E independent MLPs ``dims[0] -> dims[1] -> ... -> dims[-1]``.
+
+    ReLU follows every hidden layer, and the output layer too when ``activate_output`` (the
+    fc layers of a box head) but not otherwise (a transformer FFN).
+
+    Layer ``l`` of all experts is one parameter ``weight_l`` of shape (E, dims[l+1], dims[l])
+    (nn.Linear layout per expert) and ``bias_l`` of shape (E, dims[l+1]). One parameter per
+    layer means a data-parallel wrapper sees every expert as used as soon as any one is.
+    """
+
+    def __init__(self, num_experts: int, dims: Sequence[int], activate_output: bool = True):
+        super().__init__()
+        if len(dims) < 2:
+            raise ValueError(f"an expert needs at least input and output dims, got dims={list(dims)}")
+        self.num_experts = num_experts
+        self.dims = tuple(int(d) for d in dims)
+        self.activate_output = activate_output
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(num_experts, d_out, d_in))
+            for d_in, d_out in zip(self.dims[:-1], self.dims[1:])
+        )
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.empty(num_experts, d_out)) for d_out in self.dims[1:]
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every expert initialised independently like ``nn.Linear``."""
+        for weight, bias in zip(self.weights, self.biases):
+            for e in range(self.num_experts):
+                nn.init.kaiming_uniform_(weight[e], a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(weight.shape[2])
+            nn.init.uniform_(bias, -bound, bound)
+
+    def per_expert_parameters(self) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """``[expert][layer] -> (weight (out, in), bias (out,))`` views.
+
+        Unbinding once per forward (instead of indexing per expert) makes the backward pass
+        write each stacked gradient once rather than once per expert.
+        """
+        layers = [
+            list(zip(weight.unbind(0), bias.unbind(0)))
+            for weight, bias in zip(self.weights, self.biases)
+        ]
+        return [list(expert_layers) for expert_layers in zip(*layers)]
+
+    def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """(N, dims[0]) -> (N, dims[-1]): sum over kept assignments of weight * expert(x).
+
+        Each expert runs only on the rows assigned to it (N*k rows in total, whatever E is).
+        Experts without rows still take part through a zero-row matmul so that their
+        parameters stay in the autograd graph (DDP without ``find_unused_parameters``).
+        """
+        if x.shape[0] != plan.num_instances:
+            raise ValueError(
+                f"input has {x.shape[0]} rows but the dispatch plan routes {plan.num_instances}"
+            )
+        routed = x.index_select(0, plan.instance_index)
+        outputs = []
+        for expert_layers, rows in zip(
+            self.per_expert_parameters(), torch.split(routed, plan.rows_per_expert)
+        ):
+            outputs.append(_mlp(rows, expert_layers, self.activate_output))
+        expert_out = torch.cat(outputs)
+        weighted = expert_out * plan.combine_weight.unsqueeze(1).to(expert_out.dtype)
+        combined = weighted.new_zeros(plan.num_instances, self.dims[-1])
+        return combined.index_add_(0, plan.instance_index, weighted)
+
+    @torch.no_grad()
+    def load_dense(
+        self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], noise_std: float = 0.0
+    ) -> None:
+        """Copy dense ``(weight (out, in), bias (out,))`` layers into every expert (upcycling).
+
+        ``noise_std`` > 0 adds Gaussian noise scaled by each layer's weight std, so that experts
+        can diverge; 0 gives identical experts.
+        """
+        if len(layers) != len(self.weights):
+            raise ValueError(f"expected {len(self.weights)} dense layers, got {len(layers)}")
+        for (dense_w, dense_b), weight, bias in zip(layers, self.weights, self.biases):
+            if tuple(dense_w.shape) != tuple(weight.shape[1:]) or tuple(dense_b.shape) != tuple(bias.shape[1:]):
+                raise ValueError(
+                    f"dense layer of shape {tuple(dense_w.shape)} does not fit experts of shape "
+                    f"{tuple(weight.shape[1:])}"
+                )
+            weight.copy_(dense_w.unsqueeze(0).expand_as(weight))
+            bias.copy_(dense_b.unsqueeze(0).expand_as(bias))
+            if noise_std > 0:
+                weight.add_(torch.randn_like(weight) * noise_std * dense_w.float().std())
+
+
+class DenseMLP(nn.Module):
+    """One always-on MLP (the shared expert), same layout as one of ``StackedMLPExperts``."""
+
+    def __init__(self, dims: Sequence[int], activate_output: bool = True):
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+        self.activate_output = activate_output
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(self.dims[:-1], self.dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, dims[0]) -> (N, dims[-1])."""
+        return _mlp(x, [(layer.weight, layer.bias) for layer in self.layers], self.activate_output)
+
+    @torch.no_grad()
+    def load_dense(self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for (dense_w, dense_b), layer in zip(layers, self.layers):
+            layer.weight.copy_(dense_w)
+            layer.bias.copy_(dense_b)
+
+
+class MoEMLP(nn.Module):
+    """Routed experts plus an optional always-on shared expert (ViMoE).
+
+    ``y = (1 - s) * sum_j w_j * expert_j(x) + s * shared(x)`` with ``s = shared_expert_weight``
+    when the shared expert is on, else ``y = sum_j w_j * expert_j(x)``. With identical experts
+    (and a shared expert equal to them) and weights summing to 1, ``y`` equals one dense MLP.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dims: Sequence[int],
+        shared_expert: bool = False,
+        shared_expert_weight: float = 0.5,
+        activate_output: bool = True,
+    ):
+        super().__init__()
+        self.experts = StackedMLPExperts(num_experts, dims, activate_output)
+        self.shared: Optional[DenseMLP] = DenseMLP(dims, activate_output) if shared_expert else None
+        self.shared_expert_weight = shared_expert_weight
+
+    @property
+    def dims(self) -> Tuple[int, ...]:
+        return self.experts.dims
+
+    def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """(N, dims[0]) -> (N, dims[-1])."""
+        routed = self.experts(x, plan)
+        if self.shared is None:
+            return routed
+        s = self.shared_expert_weight
+        return (1.0 - s) * routed + s * self.shared(x)
+
+    def load_dense(
+        self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], noise_std: float = 0.0
+    ) -> None:
+        """Upcycle: every expert (and the shared expert) starts as the given dense layers."""
+        self.experts.load_dense(layers, noise_std)
+        if self.shared is not None:
+            self.shared.load_dense(layers)
+
+
+def _mlp(
+    x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], activate_output: bool
+) -> torch.Tensor:
+    last = len(layers) - 1
+    for i, (weight, bias) in enumerate(layers):
+        x = F.linear(x, weight, bias)
+        if i < last or activate_output:
+            x = F.relu(x)
+    return x
