@@ -1,7 +1,7 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
 from .config import MoEConfig, MoEConfigError
 from .dispatch import DispatchPlan, build_dispatch_plan
-from .experts import DenseMLP, MoEMLP, StackedMLPExperts
+from .experts import DenseMLP, MoEMLP, StackedMLPExperts, stack_dense_layers
 from .losses import (
     scene_supervision_loss,
     scene_targets_from_labels,
@@ -17,6 +17,7 @@ from .router import (
     Routing,
 )
 from .stats import RoutingStatsMeter
+from .upcycle import upcycle_state_dict
 
 __all__ = [
     "MoEConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "DenseMLP",
     "MoEMLP",
     "StackedMLPExperts",
+    "stack_dense_layers",
     "scene_supervision_loss",
     "scene_targets_from_labels",
     "switch_balance_loss",
@@ -37,4 +39,5 @@ __all__ = [
     "HierarchicalRouter",
     "Routing",
     "RoutingStatsMeter",
+    "upcycle_state_dict",
 ]

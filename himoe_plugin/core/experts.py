@@ -84,23 +84,37 @@ class StackedMLPExperts(nn.Module):
     def load_dense(
         self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], noise_std: float = 0.0
     ) -> None:
-        """Copy dense ``(weight (out, in), bias (out,))`` layers into every expert (upcycling).
+        """Copy dense ``(weight (out, in), bias (out,))`` layers into every expert (upcycling)."""
+        stacked = stack_dense_layers(layers, self.num_experts, self.dims, noise_std)
+        for (weight, bias), param_w, param_b in zip(stacked, self.weights, self.biases):
+            param_w.copy_(weight)
+            param_b.copy_(bias)
 
-        ``noise_std`` > 0 adds Gaussian noise scaled by each layer's weight std, so that experts
-        can diverge; 0 gives identical experts.
-        """
-        if len(layers) != len(self.weights):
-            raise ValueError(f"expected {len(self.weights)} dense layers, got {len(layers)}")
-        for (dense_w, dense_b), weight, bias in zip(layers, self.weights, self.biases):
-            if tuple(dense_w.shape) != tuple(weight.shape[1:]) or tuple(dense_b.shape) != tuple(bias.shape[1:]):
-                raise ValueError(
-                    f"dense layer of shape {tuple(dense_w.shape)} does not fit experts of shape "
-                    f"{tuple(weight.shape[1:])}"
-                )
-            weight.copy_(dense_w.unsqueeze(0).expand_as(weight))
-            bias.copy_(dense_b.unsqueeze(0).expand_as(bias))
-            if noise_std > 0:
-                weight.add_(torch.randn_like(weight) * noise_std * dense_w.float().std())
+
+def stack_dense_layers(
+    layers: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    num_experts: int,
+    dims: Sequence[int],
+    noise_std: float = 0.0,
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """E copies of dense layers: ``[(weight (E, out, in), bias (E, out)), ...]``.
+
+    ``noise_std`` > 0 adds Gaussian noise scaled by each layer's weight std, so that experts
+    can diverge; 0 gives identical experts. Raises ValueError if the layers do not chain
+    ``dims[0] -> ... -> dims[-1]``.
+    """
+    shapes = [tuple(w.shape) for w, _ in layers]
+    expected = [(d_out, d_in) for d_in, d_out in zip(dims[:-1], dims[1:])]
+    if shapes != expected or any(tuple(b.shape) != (w.shape[0],) for w, b in layers):
+        raise ValueError(f"dense layers of shapes {shapes} do not fit experts of shapes {expected}")
+    stacked = []
+    for weight, bias in layers:
+        weight = weight.detach().float()
+        experts_w = weight.unsqueeze(0).repeat(num_experts, 1, 1)
+        if noise_std > 0:
+            experts_w += torch.randn_like(experts_w) * noise_std * weight.std()
+        stacked.append((experts_w, bias.detach().float().unsqueeze(0).repeat(num_experts, 1)))
+    return stacked
 
 
 class DenseMLP(nn.Module):
@@ -138,11 +152,16 @@ class MoEMLP(nn.Module):
         shared_expert: bool = False,
         shared_expert_weight: float = 0.5,
         activate_output: bool = True,
+        num_experts_key: str = "num_experts",
     ):
         super().__init__()
         self.experts = StackedMLPExperts(num_experts, dims, activate_output)
         self.shared: Optional[DenseMLP] = DenseMLP(dims, activate_output) if shared_expert else None
         self.shared_expert_weight = shared_expert_weight
+        self.num_experts_key = num_experts_key
+        # Saved with checkpoints so that loading one with another expert count fails clearly
+        # (checkpointers that skip shape-mismatched tensors would otherwise only warn).
+        self.register_buffer("num_experts", torch.tensor(num_experts), persistent=True)
 
     @property
     def dims(self) -> Tuple[int, ...]:
@@ -155,6 +174,19 @@ class MoEMLP(nn.Module):
             return routed
         s = self.shared_expert_weight
         return (1.0 - s) * routed + s * self.shared(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        key = prefix + "num_experts"
+        if key in state_dict:
+            saved = int(state_dict[key])
+            if saved != self.experts.num_experts:
+                raise ValueError(
+                    f"{self.num_experts_key}: the checkpoint has {saved} experts at "
+                    f"'{prefix[:-1]}' but the model is built with {self.experts.num_experts}. "
+                    f"Set {self.num_experts_key}={saved} to load it, or start from a dense "
+                    "checkpoint to upcycle."
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def load_dense(
         self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], noise_std: float = 0.0

@@ -57,12 +57,16 @@ class HierarchicalRouter(nn.Module):
 
     so the scene distribution acts as a prior and both routers receive the task gradient
     through the combine weights (as long as an image keeps more than one group).
+    Both routers see layer-normalised inputs (as MoE layers in transformers do), so that
+    routing starts near-uniform whatever the scale of detection features.
     All router math runs in float32, also under autocast.
     """
 
     def __init__(self, config: MoEConfig, scene_dim: int, instance_dim: int):
         super().__init__()
         self.config = config
+        self.scene_norm = nn.LayerNorm(scene_dim, elementwise_affine=False)
+        self.instance_norm = nn.LayerNorm(instance_dim, elementwise_affine=False)
         self.scene_router = nn.Linear(scene_dim, config.groups)
         scene_input = config.groups if config.instance_uses_scene_probs else 0
         self.instance_router = nn.Linear(instance_dim + scene_input, config.num_experts)
@@ -74,9 +78,9 @@ class HierarchicalRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Near-neutral start: small weights, zero bias (probabilities close to uniform)."""
+        """Near-neutral start: logits of std ~0.1 on normalised inputs, zero bias."""
         for linear in (self.scene_router, self.instance_router):
-            nn.init.normal_(linear.weight, std=0.01)
+            nn.init.normal_(linear.weight, std=0.1 / linear.in_features**0.5)
             nn.init.zeros_(linear.bias)
 
     def forward(
@@ -97,7 +101,7 @@ class HierarchicalRouter(nn.Module):
         """
         cfg = self.config
         with torch.autocast(device_type=scene_features.device.type, enabled=False):
-            scene_logits = _linear_fp32(self.scene_router, scene_features)
+            scene_logits = _linear_fp32(self.scene_router, self.scene_norm(scene_features.float()))
             if self.training and cfg.scene_noise_std > 0:
                 scene_logits = scene_logits + torch.randn_like(scene_logits) * cfg.scene_noise_std
             scene_log_probs = F.log_softmax(scene_logits / cfg.scene_temperature, dim=-1)
@@ -106,7 +110,7 @@ class HierarchicalRouter(nn.Module):
             group_kept = torch.zeros_like(scene_probs, dtype=torch.bool).scatter_(1, scene_groups, True)
             eligible = group_kept[:, self.expert_group]
 
-            x = instance_features.float()
+            x = self.instance_norm(instance_features.float())
             if self.training and cfg.instance_jitter > 0:
                 eps = cfg.instance_jitter
                 x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)

@@ -142,9 +142,9 @@ def test_z_loss_matches_definition():
     router = make_router(z_loss_weight=0.5, balance_loss_weight=0, scene_balance_loss_weight=0)
     scene, x, image_index = random_batch()
     routing = router(scene, x, image_index)
-    inst_in = torch.cat([x, routing.scene_probs[image_index]], 1)
+    inst_in = torch.cat([router.instance_norm(x), routing.scene_probs[image_index]], 1)
     inst_logits = router.instance_router(inst_in)
-    scene_logits = router.scene_router(scene)
+    scene_logits = router.scene_router(router.scene_norm(scene))
     expected = 0.5 * (
         torch.logsumexp(inst_logits, 1).square().mean() + torch.logsumexp(scene_logits, 1).square().mean()
     )

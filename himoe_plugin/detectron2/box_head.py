@@ -1,0 +1,176 @@
+"""Box head whose fully connected layers (all or a contiguous run of them) are HI-MoE experts."""
+from __future__ import annotations
+
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY
+from fvcore.nn import weight_init
+from torch import nn
+from torch.nn import functional as F
+
+from ..core import HierarchicalRouter, MoEConfig, MoEMLP, Routing, upcycle_state_dict
+from .config import check_moe_fc_layers, himoe_key, moe_config_from_cfg, validate_himoe_cfg
+
+
+@ROI_BOX_HEAD_REGISTRY.register()
+class MoEConvFCBoxHead(nn.Module):
+    """``FastRCNNConvFCHead`` with fc layers ``moe_fc_layers`` replaced by routed experts.
+
+    Layout (names as in the stock head, so dense checkpoints load): ``conv{i}`` (dense),
+    ``fc{i}`` for dense fc layers, ``moe`` for the expert block, ``router`` for the
+    hierarchical router. Each expert is the whole block (e.g. fc1+fc2), run sparsely.
+    Loading a dense checkpoint (``fc{i}`` keys of the block, no expert keys) upcycles it:
+    every expert starts from the dense layers.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: ShapeSpec,
+        *,
+        conv_dims: List[int],
+        fc_dims: List[int],
+        moe_config: Union[MoEConfig, Mapping],
+        moe_fc_layers: Sequence[int] = (0, 1),
+        expert_dim: int = 0,
+        conv_norm: str = "",
+        scene_dim: Optional[int] = None,
+        upcycle_noise_std: float = 0.0,
+    ):
+        """
+        Args:
+            input_shape: shape of the pooled RoI features (C, H, W).
+            conv_dims / fc_dims / conv_norm: as in ``FastRCNNConvFCHead``.
+            moe_config: router, expert and loss settings (a ``MoEConfig`` or a dict of its
+                fields, e.g. from a LazyConfig).
+            moe_fc_layers: contiguous 0-based indices of the fc layers that become experts.
+            expert_dim: hidden width inside a multi-layer expert (0: keep ``fc_dims``).
+            scene_dim: channels of the scene features (default: ``input_shape.channels``).
+            upcycle_noise_std: relative noise added to experts upcycled from a dense checkpoint.
+        """
+        super().__init__()
+        if isinstance(moe_config, Mapping):
+            moe_config = MoEConfig.from_mapping(moe_config, key_of=lambda k: f"moe_config.{k}")
+        if not fc_dims:
+            raise ValueError("fc_dims: an MoE box head needs at least one fc layer")
+        moe_fc_layers = [int(i) for i in moe_fc_layers]
+        check_moe_fc_layers(moe_fc_layers, len(fc_dims), "moe_fc_layers")
+        self.moe_config = moe_config
+        self.moe_fc_layers = moe_fc_layers
+        self.upcycle_noise_std = upcycle_noise_std
+        self.upcycle_report: List[str] = []
+
+        size: Union[int, Tuple[int, int, int]] = (input_shape.channels, input_shape.height, input_shape.width)
+        self.convs = []
+        for k, conv_dim in enumerate(conv_dims):
+            conv = Conv2d(
+                size[0],
+                conv_dim,
+                kernel_size=3,
+                padding=1,
+                bias=not conv_norm,
+                norm=get_norm(conv_norm, conv_dim),
+                activation=nn.ReLU(),
+            )
+            self.add_module(f"conv{k + 1}", conv)
+            self.convs.append(conv)
+            size = (conv_dim, size[1], size[2])
+        size = int(np.prod(size))
+
+        first, last = moe_fc_layers[0], moe_fc_layers[-1]
+        self.fcs_before = self._dense_fcs(range(first), fc_dims, size)
+        block_in = fc_dims[first - 1] if first > 0 else size
+        hidden = [expert_dim or d for d in fc_dims[first:last]]
+        self.moe = MoEMLP(
+            moe_config.num_experts,
+            [block_in, *hidden, fc_dims[last]],
+            shared_expert=moe_config.shared_expert,
+            shared_expert_weight=moe_config.shared_expert_weight,
+            num_experts_key=himoe_key("num_experts"),
+        )
+        self.fcs_after = self._dense_fcs(range(last + 1, len(fc_dims)), fc_dims, size)
+        self.router = HierarchicalRouter(
+            moe_config, scene_dim=scene_dim or input_shape.channels, instance_dim=block_in
+        )
+        self._output_size = fc_dims[-1]
+
+        for conv in self.convs:
+            weight_init.c2_msra_fill(conv)
+        for fc in self.fcs_before + self.fcs_after:
+            weight_init.c2_xavier_fill(fc)
+        for weight, bias in zip(self.moe.experts.weights, self.moe.experts.biases):
+            for expert_weight in weight:
+                nn.init.kaiming_uniform_(expert_weight, a=1)
+            nn.init.zeros_(bias)
+        if self.moe.shared is not None:
+            for layer in self.moe.shared.layers:
+                weight_init.c2_xavier_fill(layer)
+
+    def _dense_fcs(self, indices: range, fc_dims: List[int], flat_input: int) -> List[nn.Linear]:
+        fcs = []
+        for k in indices:
+            fc = nn.Linear(fc_dims[k - 1] if k > 0 else flat_input, fc_dims[k])
+            self.add_module(f"fc{k + 1}", fc)
+            fcs.append(fc)
+        return fcs
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        validate_himoe_cfg(cfg)
+        head = cfg.MODEL.ROI_BOX_HEAD
+        return {
+            "input_shape": input_shape,
+            "conv_dims": [head.CONV_DIM] * head.NUM_CONV,
+            "fc_dims": [head.FC_DIM] * head.NUM_FC,
+            "conv_norm": head.NORM,
+            "moe_config": moe_config_from_cfg(cfg),
+            "moe_fc_layers": list(cfg.MODEL.HIMOE.MOE_FC_LAYERS),
+            "expert_dim": cfg.MODEL.HIMOE.EXPERT_DIM,
+            "upcycle_noise_std": cfg.MODEL.HIMOE.UPCYCLE_NOISE_STD,
+        }
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        scene_features: torch.Tensor,
+        image_index: torch.Tensor,
+        scene_targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, Routing]:
+        """
+        Args:
+            x: (N, C, H, W) pooled RoI features of all images.
+            scene_features: (B, C_scene) pooled image features.
+            image_index: (N,) image of each RoI.
+            scene_targets: optional super-class targets for the scene router.
+        Returns:
+            (N, fc_dims[-1]) box features and the ``Routing`` (losses, statistics).
+        """
+        for conv in self.convs:
+            x = conv(x)
+        x = torch.flatten(x, start_dim=1)
+        for fc in self.fcs_before:
+            x = F.relu(fc(x))
+        routing = self.router(scene_features, x, image_index, scene_targets)
+        x = self.moe(x, routing.plan)
+        for fc in self.fcs_after:
+            x = F.relu(fc(x))
+        return x, routing
+
+    @property
+    @torch.jit.unused
+    def output_shape(self) -> ShapeSpec:
+        return ShapeSpec(channels=self._output_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        dense_names = [f"fc{i + 1}" for i in self.moe_fc_layers]
+        report = upcycle_state_dict(
+            state_dict, prefix, dense_names, "moe", self.moe, self.upcycle_noise_std
+        )
+        if report:
+            self.upcycle_report = report
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+

@@ -1,0 +1,55 @@
+"""LazyConfig helper: turn a stock ``StandardROIHeads`` model config into an HI-MoE one."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from detectron2.config import LazyCall as L
+
+from ..core import MoEConfig
+from .box_head import MoEConvFCBoxHead
+from .roi_heads import InstanceMoEROIHead
+
+
+def use_himoe_roi_heads(
+    model,
+    moe_fc_layers: Sequence[int] = (0, 1),
+    expert_dim: int = 0,
+    scene_in_features: Sequence[str] = (),
+    stats_period: int = 20,
+    upcycle_noise_std: float = 0.0,
+    **moe_settings,
+):
+    """Edit a LazyConfig ``model`` (e.g. ``model_zoo.get_config("common/models/mask_rcnn_fpn.py").model``)
+    in place so that its ROI heads are ``InstanceMoEROIHead`` with a ``MoEConvFCBoxHead``.
+
+    The stock box head's ``input_shape``, ``conv_dims``, ``fc_dims`` and ``conv_norm`` are
+    kept; ``moe_settings`` are ``MoEConfig`` fields (validated here, errors name the field).
+    Scene features default to the box features; their strides come from the box pooler scales.
+    """
+    MoEConfig.from_mapping(moe_settings)
+    roi_heads = model.roi_heads
+    stock_head = roi_heads.box_head
+    box_head = L(MoEConvFCBoxHead)(
+        input_shape=stock_head.input_shape,
+        conv_dims=list(stock_head.get("conv_dims", [])),
+        fc_dims=list(stock_head.fc_dims),
+        conv_norm=stock_head.get("conv_norm", ""),
+        moe_config=dict(moe_settings),
+        moe_fc_layers=list(moe_fc_layers),
+        expert_dim=expert_dim,
+        upcycle_noise_std=upcycle_noise_std,
+    )
+    box_features = list(roi_heads.box_in_features)
+    scene_in_features = list(scene_in_features) or box_features
+    strides_of = {
+        name: int(round(1.0 / scale)) for name, scale in zip(box_features, roi_heads.box_pooler.scales)
+    }
+    missing = [name for name in scene_in_features if name not in strides_of]
+    if missing:
+        raise ValueError(f"scene_in_features: {missing} are not box features {box_features}")
+    roi_heads._target_ = InstanceMoEROIHead
+    roi_heads.box_head = box_head
+    roi_heads.scene_in_features = scene_in_features
+    roi_heads.scene_strides = [strides_of[name] for name in scene_in_features]
+    roi_heads.stats_period = stats_period
+    return model
