@@ -53,6 +53,10 @@ if ! "$PY" -c "import detectron2.model_zoo, detectron2.modeling" 2>/dev/null; th
     tar -xzf "$BUILD_DIR/pb1-detectron2-0.6.tar.gz" -C "$BUILD_DIR"
     "$PY" "$REPO_ROOT/tools/env/patch_detectron2.py" "$BUILD_DIR/pb1-detectron2-0.6"
     "${PIP[@]}" --no-build-isolation --no-deps "$BUILD_DIR/pb1-detectron2-0.6"
+    # Detectron2's stock tools (lazyconfig_train_net.py, analyze_model.py, ...) are not part of
+    # the package; keep them next to the environment for the tests and benchmarks.
+    mkdir -p "$VENV/share/detectron2"
+    cp -r "$BUILD_DIR/pb1-detectron2-0.6/tools" "$VENV/share/detectron2/"
 fi
 
 if ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
@@ -75,8 +79,8 @@ if ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
 fi
 
 log "mmengine, mmdet and himoe-plugin (editable, with test extras)"
-"${PIP[@]}" "mmengine==0.10.7" "mmdet==3.3.0"
-"${PIP[@]}" --no-build-isolation -e "$REPO_ROOT[test]"
+"${PIP[@]}" --no-deps "mmengine==0.10.7" "mmdet==3.3.0"
+"${PIP[@]}" --no-build-isolation -e "$REPO_ROOT[test,benchmarks]"
 
 log "checking the stack"
 "$PY" - <<'EOF'
@@ -84,7 +88,7 @@ import torch, torchvision, detectron2, mmcv, mmcv.ops, mmengine, mmdet
 import detectron2.modeling, detectron2.model_zoo
 from detectron2.model_zoo import get_config_file
 get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
-import himoe_plugin
+import himoe_plugin.detectron2, himoe_plugin.mmdet
 print("torch", torch.__version__, "| torchvision", torchvision.__version__,
       "| detectron2", detectron2.__version__, "| mmcv", mmcv.__version__,
       "| mmengine", mmengine.__version__, "| mmdet", mmdet.__version__)

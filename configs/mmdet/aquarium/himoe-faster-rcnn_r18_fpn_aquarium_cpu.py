@@ -1,0 +1,25 @@
+# HI-MoE version of faster-rcnn_r18_fpn_aquarium_cpu.py: only the RoI head differs.
+# 6 experts in 3 groups (one per Aquarium supercategory: bird, fish-like, invertebrate); the
+# scene router keeps 2 groups per image and every RoI goes to 2 of their 4 experts.
+# Super-class supervision of the scene router (off here) needs:
+#   model.roi_head.bbox_head.loss_scene=dict(type='SceneSupervisionLoss', loss_weight=0.1)
+#   custom_hooks=[dict(type='SceneSupervisionHook')]
+_base_ = './faster-rcnn_r18_fpn_aquarium_cpu.py'
+
+custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+
+model = dict(
+    roi_head=dict(
+        type='InstanceMoERoIHead',
+        stats_period={{_base_.default_hooks.logger.interval}},
+        bbox_head=dict(
+            type='MoEShared2FCBBoxHead',
+            router=dict(
+                type='HierarchicalRouter',
+                num_experts=6,
+                top_k=2,
+                num_groups=3,
+                scene_top_k=2),
+            loss_balance=dict(
+                type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
+            loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))

@@ -1,0 +1,26 @@
+# HI-MoE Faster R-CNN R50-FPN 1x on COCO: the stock config with the RoI head swapped.
+# The two fc layers of the box head become 8 experts (each RoI uses 2 of the 4 that its
+# image's scene router keeps); routing losses are added to the loss dict, routing statistics
+# are logged as himoe/* every 50 iterations (= the logger interval).
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+
+model = dict(
+    roi_head=dict(
+        type='InstanceMoERoIHead',
+        stats_period=50,
+        bbox_head=dict(
+            type='MoEShared2FCBBoxHead',
+            moe_fc_layers=[0, 1],
+            expert_channels=0,
+            shared_expert=False,
+            router=dict(
+                type='HierarchicalRouter',
+                num_experts=8,
+                top_k=2,
+                num_groups=0,
+                scene_top_k=4),
+            loss_balance=dict(
+                type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
+            loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))

@@ -1,0 +1,69 @@
+"""``SceneSupervisionHook``: the class -> supercategory groups of the training dataset."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from mmdet.registry import HOOKS
+from mmengine.fileio import load
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+
+from ..core import MoEConfigError
+from .roi_head import InstanceMoERoIHead
+
+
+@HOOKS.register_module()
+class SceneSupervisionHook(Hook):
+    """Before training, give ``InstanceMoERoIHead`` the expert group of every class.
+
+    Groups are the supercategories (sorted by name) that the training dataset's COCO
+    annotation file gives its classes; the scene router needs exactly one group per
+    supercategory. Enable super-class supervision with, in the config::
+
+        model = dict(roi_head=dict(bbox_head=dict(
+            router=dict(num_groups=3, ...),
+            loss_scene=dict(type='SceneSupervisionLoss', loss_weight=0.1))))
+        custom_hooks = [dict(type='SceneSupervisionHook')]
+    """
+
+    def before_train(self, runner) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        roi_head = getattr(model, 'roi_head', None)
+        if not isinstance(roi_head, InstanceMoERoIHead):
+            raise TypeError('SceneSupervisionHook needs a detector with an InstanceMoERoIHead, '
+                            f'got roi_head of type {type(roi_head).__name__}')
+        if roi_head.class_to_group is None:
+            print_log('SceneSupervisionHook: roi_head.bbox_head.loss_scene is not set, '
+                      'the scene router gets no super-class targets', logger='current')
+            return
+        dataset = runner.train_dataloader.dataset
+        while hasattr(dataset, 'dataset'):  # RepeatDataset, ClassBalancedDataset, ...
+            dataset = dataset.dataset
+        if not hasattr(dataset, 'ann_file') or not hasattr(dataset, 'cat_ids'):
+            raise TypeError('SceneSupervisionHook reads supercategories from a COCO-format '
+                            f'training dataset, got {type(dataset).__name__}')
+        groups = supercategory_groups(
+            dataset.ann_file, dataset.cat_ids, roi_head.bbox_head.moe_config.groups)
+        roi_head.set_class_groups(groups)
+        print_log(f'SceneSupervisionHook: class -> supercategory group {groups}',
+                  logger='current')
+
+
+def supercategory_groups(ann_file: str, cat_ids: Sequence[int], num_groups: int) -> List[int]:
+    """Group of every class (label order ``cat_ids``): the index of its supercategory among
+    the sorted supercategories of these classes. Raises ``MoEConfigError`` naming
+    ``num_groups`` unless there are exactly ``num_groups`` supercategories."""
+    categories = {c['id']: c for c in load(ann_file)['categories']}
+    missing = [categories[i]['name'] for i in cat_ids if 'supercategory' not in categories[i]]
+    if missing:
+        raise MoEConfigError('roi_head.bbox_head.loss_scene', ann_file,
+                             f'categories without a supercategory: {missing}')
+    supercategories = [categories[i]['supercategory'] for i in cat_ids]
+    names = sorted(set(supercategories))
+    if len(names) != num_groups:
+        raise MoEConfigError(
+            'roi_head.bbox_head.router.num_groups', num_groups,
+            'super-class supervision needs one expert group per supercategory: the training '
+            f"data has {len(names)} ({', '.join(names)})")
+    return [names.index(s) for s in supercategories]

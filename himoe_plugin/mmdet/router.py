@@ -1,0 +1,35 @@
+"""``HierarchicalRouter`` as an MMDetection ``MODELS`` entry (the core router, config-built)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from mmdet.registry import MODELS
+
+from ..core import HierarchicalRouter as CoreHierarchicalRouter
+from ..core import MoEConfig
+
+
+@MODELS.register_module(name='HierarchicalRouter')
+class HierarchicalRouter(CoreHierarchicalRouter):
+    """The core ``HierarchicalRouter`` built from config keywords.
+
+    Config entry (inside an MoE bbox head)::
+
+        router=dict(type='HierarchicalRouter', num_experts=8, top_k=2,
+                    num_groups=0, scene_top_k=4)
+
+    Every keyword is a field of ``himoe_plugin.core.MoEConfig`` and is validated there; the
+    owning head supplies ``scene_dim``, ``instance_dim``, the loss weights (from its loss
+    entries) and the shared-expert fields.
+
+    Args:
+        scene_dim: channels C_s of the scene features (B, C_s).
+        instance_dim: channels C_i of the RoI features the instance router sees (N, C_i).
+        key_of: maps a ``MoEConfig`` field to the config key the user wrote, for errors.
+        **settings: ``MoEConfig`` fields.
+    """
+
+    def __init__(self, scene_dim: int, instance_dim: int,
+                 key_of: Callable[[str], str] = str, **settings: Any) -> None:
+        config = MoEConfig.from_mapping(settings, key_of=key_of)
+        super().__init__(config, scene_dim=scene_dim, instance_dim=instance_dim)

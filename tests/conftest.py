@@ -1,0 +1,24 @@
+"""Shared test fixtures: the bundled real datasets (required, never skipped)."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def bundled_data_root() -> Path:
+    """``$HIMOE_DATA_ROOT`` or ``../shared/data`` next to the checkout; fails loudly if absent."""
+    root = Path(os.environ.get("HIMOE_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
+    for required in ("aquarium/annotations/instances_train.json", "aquarium/images/valid"):
+        if not (root / required).exists():
+            raise RuntimeError(
+                f"bundled test data missing: {root / required} (set HIMOE_DATA_ROOT); "
+                "these tests need the real datasets and must not be skipped"
+            )
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return bundled_data_root()
