@@ -51,11 +51,7 @@ class InstanceMoEROIHead(StandardROIHeads):
                 ``MoEConvFCBoxHead``.
         """
         super().__init__(**kwargs)
-        if not isinstance(self.box_head, MoEConvFCBoxHead):
-            raise TypeError(
-                "InstanceMoEROIHead needs MODEL.ROI_BOX_HEAD.NAME='MoEConvFCBoxHead' (box_head), "
-                f"got {type(self.box_head).__name__}"
-            )
+        _check_box_head(self.box_head)
         if len(scene_in_features) != len(scene_strides) or not scene_in_features:
             raise ValueError(
                 f"scene_in_features={list(scene_in_features)} and scene_strides="
@@ -76,6 +72,7 @@ class InstanceMoEROIHead(StandardROIHeads):
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         ret = super().from_config(cfg, input_shape)
         moe_config = moe_config_from_cfg(cfg)
+        _check_box_head(ret["box_head"])
         scene_in = list(cfg.MODEL.HIMOE.SCENE_IN_FEATURES) or list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
         box_channels = ret["box_head"].router.scene_router.in_features
         for name in scene_in:
@@ -155,6 +152,14 @@ class InstanceMoEROIHead(StandardROIHeads):
         storage = get_event_storage()
         if (storage.iter + 1) % self.stats_period == 0:
             storage.put_scalars(**self.routing_stats.summary(STATS_PREFIX), smoothing_hint=False)
+
+
+def _check_box_head(box_head) -> None:
+    if not isinstance(box_head, MoEConvFCBoxHead):
+        raise TypeError(
+            "InstanceMoEROIHead needs MODEL.ROI_BOX_HEAD.NAME='MoEConvFCBoxHead' (box_head), "
+            f"got {type(box_head).__name__}"
+        )
 
 
 def supercategory_groups(dataset_names: Sequence[str], num_groups: int) -> List[int]:
