@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Run one of MMDetection's own tools (``<mmdet>/.mim/tools/<tool>``), unchanged.
+
+    python tools/mmdet/run_tool.py train.py CONFIG [train.py options]
+    python tools/mmdet/run_tool.py test.py CONFIG CHECKPOINT [test.py options]
+    python tools/mmdet/run_tool.py model_converters/publish_model.py IN_FILE OUT_FILE
+    python -m torch.distributed.run --nproc_per_node 2 tools/mmdet/run_tool.py \\
+        train.py CONFIG --launcher pytorch
+
+Started by ``torch.distributed.run`` on a machine without CUDA, it first opens the gloo
+process group: MMEngine's ``pytorch`` launcher calls ``torch.cuda.set_device`` (which fails
+without a GPU) but skips initialisation when a process group already exists.
+"""
+import os
+import runpy
+import sys
+from pathlib import Path
+
+
+def mmdet_tools_dir() -> Path:
+    """``tools/`` shipped inside the installed mmdet package."""
+    import mmdet
+
+    return Path(mmdet.__file__).resolve().parent / '.mim' / 'tools'
+
+
+def init_cpu_process_group() -> None:
+    """Open the gloo process group when launched by torchrun without CUDA."""
+    import torch
+    import torch.distributed as dist
+
+    if 'WORLD_SIZE' in os.environ and not torch.cuda.is_available() \
+            and not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    tool = mmdet_tools_dir() / sys.argv[1]
+    if not tool.is_file():
+        sys.exit(f'no tool {sys.argv[1]!r} in {mmdet_tools_dir()}')
+    init_cpu_process_group()
+    sys.argv = [str(tool), *sys.argv[2:]]
+    runpy.run_path(str(tool), run_name='__main__')
+
+
+if __name__ == '__main__':
+    main()
