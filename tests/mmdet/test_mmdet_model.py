@@ -137,7 +137,7 @@ def test_checkpoint_with_another_expert_count_fails_clearly(tmp_path):
      r'roi_head\.bbox_head\.moe_fc_layers=\[1, 0\]: must be increasing, contiguous'),
     ({'model.roi_head.bbox_head.moe_fc_layers': [1, 2]},
      r'roi_head\.bbox_head\.moe_fc_layers=\[1, 2\]: the head has shared fc layers 0\.\.1'),
-    ({'model.roi_head.bbox_head.loss_balance.type': 'RouterZLoss'},
+    ({'model.roi_head.bbox_head.loss_balance': dict(_delete_=True, type='RouterZLoss')},
      r'roi_head\.bbox_head\.loss_balance\.type=.RouterZLoss.: must be a LoadBalancingLoss'),
     ({'model.roi_head.stats_period': 0}, r'roi_head\.stats_period=0: must be an integer >= 1'),
 ])
@@ -168,7 +168,7 @@ def test_zero_gt_and_zero_proposal_images_train_and_predict():
     assert all(g is not None and torch.isfinite(g).all() for g in expert_grads(model))
 
     # RoI head: image 0 without proposals and ground truth, then both images.
-    features = model.extract_feat(inputs)
+    features = tuple(f.detach() for f in model.extract_feat(inputs))
     proposals = InstanceData(bboxes=torch.tensor([[10., 20., 120., 150.], [30., 40., 90., 200.],
                                                   [0., 0., 60., 60.]]))
     empty = InstanceData(bboxes=torch.zeros(0, 4))

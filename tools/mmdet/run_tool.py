@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Run one of MMDetection's own tools (``<mmdet>/.mim/tools/<tool>``), unchanged.
+"""Run one of MMDetection's own tools (``<mmdet>/.mim/tools/<tool>``), unchanged, with
+``himoe_plugin.mmdet`` loaded (HI-MoE modules registered; MMEngine checkpoints readable by
+``torch.load``'s weights-only default, which e.g. publish_model.py relies on).
 
     python tools/mmdet/run_tool.py train.py CONFIG [train.py options]
     python tools/mmdet/run_tool.py test.py CONFIG CHECKPOINT [test.py options]
@@ -40,6 +42,8 @@ def main() -> None:
     tool = mmdet_tools_dir() / sys.argv[1]
     if not tool.is_file():
         sys.exit(f'no tool {sys.argv[1]!r} in {mmdet_tools_dir()}')
+    import himoe_plugin.mmdet  # noqa: F401
+
     init_cpu_process_group()
     sys.argv = [str(tool), *sys.argv[2:]]
     runpy.run_path(str(tool), run_name='__main__')

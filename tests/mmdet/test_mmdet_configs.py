@@ -1,0 +1,85 @@
+"""The shipped configs: stock inheritance, only the RoI head swapped, tools around them."""
+import subprocess
+import sys
+import time
+
+import torch
+from mmdet_helpers import DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_tools_dir, subprocess_env
+from mmengine.config import Config
+
+COCO_CONFIG = REPO_ROOT / 'configs/mmdet/himoe-faster-rcnn_r50_fpn_1x_coco.py'
+
+
+def without_scope(value):
+    """``value`` without the ``_scope_`` keys that ``mmdet::`` inheritance adds."""
+    if isinstance(value, dict):
+        return {k: without_scope(v) for k, v in value.items() if k != '_scope_'}
+    if isinstance(value, (list, tuple)):
+        return type(value)(without_scope(v) for v in value)
+    return value
+
+
+def without_roi_head(cfg: Config) -> dict:
+    settings = without_scope(cfg.to_dict())
+    settings['model'].pop('roi_head')
+    settings.pop('custom_imports', None)
+    return settings
+
+
+def test_coco_config_is_the_stock_one_with_the_roi_head_swapped():
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    import himoe_plugin.mmdet  # noqa: F401
+
+    stock_path = mmdet_tools_dir().parent / 'configs/faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+    himoe, stock = Config.fromfile(str(COCO_CONFIG)), Config.fromfile(str(stock_path))
+    assert without_roi_head(himoe) == without_roi_head(stock)
+    assert himoe.custom_imports.imports == ['himoe_plugin.mmdet']
+    himoe_head = without_scope(himoe.model.roi_head.bbox_head.to_dict())
+    for key, value in without_scope(stock.model.roi_head.bbox_head.to_dict()).items():
+        assert key == 'type' or himoe_head[key] == value, key
+    init_default_scope('mmdet')
+    model = MODELS.build(himoe.model)
+    head = model.roi_head.bbox_head
+    assert type(model.roi_head).__name__ == 'InstanceMoERoIHead'
+    assert head.moe.experts.weights[0].shape == (8, 1024, 256 * 7 * 7)
+    assert head.moe_config.num_experts == 8 and head.moe_config.top_k == 2
+
+
+def test_cpu_configs_differ_only_in_the_roi_head():
+    himoe, dense = Config.fromfile(str(HIMOE_CONFIG)), Config.fromfile(str(DENSE_CONFIG))
+    assert without_roi_head(himoe) == without_roi_head(dense)
+    assert himoe.model.roi_head.type == 'InstanceMoERoIHead'
+    assert dense.model.roi_head.type == 'StandardRoIHead'
+    assert dense.model.backbone.init_cfg is None and dense.model.backbone.depth == 18
+
+
+def test_publish_model_through_run_tool(trained_run, tmp_path, data_root):
+    """mmdet's publish_model.py (via tools/mmdet/run_tool.py) strips the optimizer; the
+    published HI-MoE checkpoint loads strictly and reproduces the trained weights."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+
+    out = tmp_path / 'himoe_aquarium.pth'
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / 'tools/mmdet/run_tool.py'),
+         'model_converters/publish_model.py', str(trained_run.checkpoint), str(out)],
+        cwd=REPO_ROOT, env=subprocess_env(data_root), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for _ in range(100):  # publish_model.py renames the file in a background `mv`
+        published = list(tmp_path.glob('himoe_aquarium-*.pth'))
+        if published:
+            break
+        time.sleep(0.1)
+    assert len(published) == 1
+    checkpoint = torch.load(published[0], map_location='cpu')
+    assert sorted(checkpoint) == ['meta', 'state_dict']
+    init_default_scope('mmdet')
+    model = MODELS.build(Config.fromfile(str(trained_run.config)).model)
+    load_checkpoint(model, str(published[0]), strict=True)
+    trained = torch.load(trained_run.checkpoint, map_location='cpu')['state_dict']
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
