@@ -40,11 +40,9 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check)
 
-log "torch ($TORCH_PINS) and build tools"
-"${PIP[@]}" $TORCH_PINS "setuptools>=77,<81" wheel ninja
-
-log "runtime dependencies of detectron2, mmcv, mmdet"
-"${PIP[@]}" -r "$REPO_ROOT/tools/env/requirements-stack.txt"
+log "torch ($TORCH_PINS), build tools and the runtime dependencies of detectron2, mmcv, mmdet"
+# torch >= 2.14 needs setuptools >= 77; mmcv 2.1.0's setup.py needs pkg_resources (gone in 81).
+"${PIP[@]}" $TORCH_PINS "setuptools>=77,<81" wheel ninja -r "$REPO_ROOT/tools/env/requirements-stack.txt"
 
 if ! "$PY" -c "import detectron2.model_zoo, detectron2.modeling" 2>/dev/null; then
     log "detectron2 v0.6 (pb1-detectron2 sdist, patched, no C++ ops)"
