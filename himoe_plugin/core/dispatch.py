@@ -16,6 +16,8 @@ class DispatchPlan:
     Attributes:
         num_instances: N, rows of the input.
         instance_index: (A,) long, input row of each kept assignment, grouped by expert.
+        slot: (A,) long, ``row * k + choice`` of each kept assignment: where its weighted
+            output goes in the (N, k) grid that is summed over k to combine.
         combine_weight: (A,) float32, the routing weight each kept assignment is scaled by.
         rows_per_expert: length-E list of ints, how many kept assignments each expert gets
             (a host list: splitting by it is the one host sync of the dispatch).
@@ -23,7 +25,9 @@ class DispatchPlan:
     """
 
     num_instances: int
+    top_k: int
     instance_index: torch.Tensor
+    slot: torch.Tensor
     combine_weight: torch.Tensor
     rows_per_expert: List[int]
     kept: torch.Tensor
@@ -52,7 +56,6 @@ def build_dispatch_plan(
     num_instances, top_k = expert_index.shape
     device = expert_index.device
     flat_expert = expert_index.reshape(-1)
-    flat_instance = torch.arange(num_instances, device=device).repeat_interleave(top_k)
     if capacity > 0:
         # Most confident first, then (stably) by expert: rank within an expert = drop priority.
         by_confidence = torch.argsort(confidence.reshape(-1), descending=True, stable=True)
@@ -73,7 +76,9 @@ def build_dispatch_plan(
     rows_per_expert = torch.bincount(sorted_expert, minlength=num_experts).tolist()
     return DispatchPlan(
         num_instances=num_instances,
-        instance_index=flat_instance[order],
+        top_k=top_k,
+        instance_index=torch.div(order, top_k, rounding_mode="floor"),
+        slot=order,
         combine_weight=combine_weight.reshape(-1)[order],
         rows_per_expert=rows_per_expert,
         kept=kept.view(num_instances, top_k),

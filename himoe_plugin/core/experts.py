@@ -77,8 +77,11 @@ class StackedMLPExperts(nn.Module):
             outputs.append(_mlp(rows, expert_layers, self.activate_output))
         expert_out = torch.cat(outputs)
         weighted = expert_out * plan.combine_weight.unsqueeze(1).to(expert_out.dtype)
-        combined = weighted.new_zeros(plan.num_instances, self.dims[-1])
-        return combined.index_add_(0, plan.instance_index, weighted)
+        # Un-sort into the (N, k) grid (dropped assignments stay 0) and sum over k: a copy and a
+        # reduction, much cheaper than a scatter-add on CPU.
+        grid = weighted.new_zeros(plan.num_instances * plan.top_k, self.dims[-1])
+        grid = grid.index_copy(0, plan.slot, weighted)
+        return grid.view(plan.num_instances, plan.top_k, self.dims[-1]).sum(dim=1)
 
     @torch.no_grad()
     def load_dense(

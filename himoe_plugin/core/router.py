@@ -114,9 +114,7 @@ class HierarchicalRouter(nn.Module):
             if self.training and cfg.instance_jitter > 0:
                 eps = cfg.instance_jitter
                 x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-            if cfg.instance_uses_scene_probs:
-                x = torch.cat([x, scene_probs[image_index]], dim=1)
-            instance_logits = _linear_fp32(self.instance_router, x)
+            instance_logits = self._instance_logits(x, scene_probs, image_index)
             prior = scene_log_probs[image_index][:, self.expert_group]
             joint = (instance_logits + prior).masked_fill(~eligible[image_index], float("-inf"))
             instance_probs = F.softmax(joint, dim=-1)
@@ -146,6 +144,18 @@ class HierarchicalRouter(nn.Module):
                 scene_supervision_loss(scene_log_probs, targets.float(), has_target)
             )
         return routing
+
+    def _instance_logits(
+        self, x: torch.Tensor, scene_probs: torch.Tensor, image_index: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, E) logits of ``[x, scene_probs[image]]`` without materialising the concatenation."""
+        weight = self.instance_router.weight.float()
+        bias = self.instance_router.bias.float()
+        if not self.config.instance_uses_scene_probs:
+            return F.linear(x, weight, bias)
+        feature_dim = x.shape[1]
+        per_image = F.linear(scene_probs, weight[:, feature_dim:])  # (B, E)
+        return F.linear(x, weight[:, :feature_dim], bias) + per_image[image_index]
 
     def _account(
         self,

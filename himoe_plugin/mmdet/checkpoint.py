@@ -2,8 +2,9 @@
 
 MMEngine saves, besides tensors, its message hub: ``HistoryBuffer`` objects holding float64
 and int64 numpy arrays, numpy scalars (e.g. ``eta``), and each buffer's statistics methods,
-which pickle (protocol 2) writes as ``getattr(HistoryBuffer, 'mean')``. Exactly these are allow-listed;
-``getattr`` is replaced by a lookup that only returns public methods of ``HistoryBuffer``.
+which pickle (protocol 2) writes as ``getattr(HistoryBuffer, 'mean')``. Exactly these are
+allow-listed; ``getattr`` is replaced by a lookup that only returns public methods of
+``HistoryBuffer``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from typing import Callable
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
-from numpy._core import multiarray  # numpy 2 (numpy 1.26 aliases numpy.core)
+
+try:  # numpy >= 1.26 (numpy 2's name; 1.26 aliases numpy.core)
+    from numpy._core import multiarray
+except ImportError:  # older numpy
+    from numpy.core import multiarray
 
 
 def history_buffer_method(owner: type, name: str) -> Callable:

@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from mmengine.config import Config
+from mmengine.runner import Runner
 from mmdet_helpers import HIMOE_CONFIG, TRAIN_ITERS, VALID_IMAGES, slice_eval_config, write_config
 
 
@@ -46,9 +48,6 @@ class TrainedRun:
 def trained_run(tmp_path_factory, himoe_data_root, valid_slice: Path) -> TrainedRun:
     """Runner trains HI-MoE R18-FPN ``TRAIN_ITERS`` iterations on Aquarium train, saves a
     checkpoint, then validates with CocoMetric on the valid slice."""
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-
     root = tmp_path_factory.mktemp('trained')
     predictions = root / 'val_predictions.pkl'
     config = write_config(root / 'himoe_cfg.py', HIMOE_CONFIG, f"""

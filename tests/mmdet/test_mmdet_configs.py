@@ -4,8 +4,13 @@ import sys
 import time
 
 import torch
+from mmdet.registry import MODELS
 from mmdet_helpers import DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_tools_dir, subprocess_env
 from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.runner import load_checkpoint
+
+import himoe_plugin.mmdet  # noqa: F401  (registers the modules)
 
 COCO_CONFIG = REPO_ROOT / 'configs/mmdet/himoe-faster-rcnn_r50_fpn_1x_coco.py'
 
@@ -27,11 +32,6 @@ def without_roi_head(cfg: Config) -> dict:
 
 
 def test_coco_config_is_the_stock_one_with_the_roi_head_swapped():
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
-
-    import himoe_plugin.mmdet  # noqa: F401
-
     stock_path = mmdet_tools_dir().parent / 'configs/faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
     himoe, stock = Config.fromfile(str(COCO_CONFIG)), Config.fromfile(str(stock_path))
     assert without_roi_head(himoe) == without_roi_head(stock)
@@ -58,10 +58,6 @@ def test_cpu_configs_differ_only_in_the_roi_head():
 def test_publish_model_through_run_tool(trained_run, tmp_path, data_root):
     """mmdet's publish_model.py (via tools/mmdet/run_tool.py) strips the optimizer; the
     published HI-MoE checkpoint loads strictly and reproduces the trained weights."""
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
-
     out = tmp_path / 'himoe_aquarium.pth'
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / 'tools/mmdet/run_tool.py'),

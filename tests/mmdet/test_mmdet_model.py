@@ -10,9 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from mmdet_helpers import DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT
+from mmdet.registry import DATASETS, MODELS
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
-from mmengine.logging import MessageHub
+from mmengine.logging import HistoryBuffer, MessageHub
+from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 from mmengine.structures import InstanceData
 
@@ -29,8 +31,6 @@ SCENE_SUPERVISION = {'model.roi_head.bbox_head.loss_scene':
 
 @pytest.fixture(scope='module', autouse=True)
 def mmdet_scope():
-    from mmengine.registry import init_default_scope
-
     init_default_scope('mmdet')
 
 
@@ -42,8 +42,6 @@ def load_config(path, options=None) -> Config:
 
 
 def build_model(cfg: Config, seed: int = 0):
-    from mmdet.registry import MODELS
-
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -52,8 +50,6 @@ def build_model(cfg: Config, seed: int = 0):
 
 def real_batch(cfg: Config, model, indices, split='train'):
     """Preprocessed ``{'inputs', 'data_samples'}`` of real images."""
-    from mmdet.registry import DATASETS
-
     loader = cfg.train_dataloader if split == 'train' else cfg.val_dataloader
     dataset = DATASETS.build(loader.dataset)
     return model.data_preprocessor(pseudo_collate([dataset[i] for i in indices]),
@@ -66,8 +62,12 @@ def expert_grads(model):
     return [params[name].grad for name in EXPERT_PARAMS]
 
 
-@pytest.mark.parametrize('shared_expert', [False, True])
-def test_upcycled_model_predicts_like_the_dense_checkpoint(tmp_path, shared_expert):
+@pytest.mark.parametrize('options', [
+    {},
+    {'model.roi_head.bbox_head.shared_expert': True},
+    {'model.roi_head.bbox_head.moe_fc_layers': [1]},
+], ids=['experts', 'shared-expert', 'second-fc-only'])
+def test_upcycled_model_predicts_like_the_dense_checkpoint(tmp_path, options):
     """Experts (and the shared expert) start as the dense shared fcs, routers keep their
     init, and test-time detections equal the dense model's."""
     dense_cfg = load_config(DENSE_CONFIG)
@@ -75,23 +75,24 @@ def test_upcycled_model_predicts_like_the_dense_checkpoint(tmp_path, shared_expe
     checkpoint = tmp_path / 'dense.pth'
     torch.save({'state_dict': dense.state_dict()}, checkpoint)
 
-    moe_cfg = load_config(HIMOE_CONFIG,
-                          {'model.roi_head.bbox_head.shared_expert': shared_expert})
+    moe_cfg = load_config(HIMOE_CONFIG, options)
     moe = build_model(moe_cfg, seed=2).eval()
     head = moe.roi_head.bbox_head
     router_init = copy.deepcopy(head.router.state_dict())
     load_checkpoint(moe, str(checkpoint), strict=False)
 
+    dense_head = dense.roi_head.bbox_head
     mapped = [line.split(' -> ')[0] for line in head.upcycle_report]
-    for key in ('shared_fcs.0.weight', 'shared_fcs.0.bias', 'shared_fcs.1.weight',
-                'shared_fcs.1.bias'):
-        assert f'roi_head.bbox_head.{key}' in mapped
+    assert [key for key in mapped if key.endswith('.weight')] == [
+        f'roi_head.bbox_head.shared_fcs.{i}.weight' for i in head.moe_fc_layers]
     for name, value in head.router.state_dict().items():
         assert torch.equal(value, router_init[name]), name
-    dense_fc0 = dense.roi_head.bbox_head.shared_fcs[0].weight
-    assert all(torch.equal(w, dense_fc0) for w in head.moe.experts.weights[0])
-    if shared_expert:
-        assert torch.equal(head.moe.shared.layers[0].weight, dense_fc0)
+    first_expert_fc = dense_head.shared_fcs[head.moe_fc_layers[0]].weight
+    assert all(torch.equal(w, first_expert_fc) for w in head.moe.experts.weights[0])
+    if head.moe.shared is not None:
+        assert torch.equal(head.moe.shared.layers[0].weight, first_expert_fc)
+    for index, fc in head.shared_fcs.items():  # dense layers outside the experts
+        assert torch.equal(fc.weight, dense_head.shared_fcs[int(index)].weight)
 
     batch = real_batch(moe_cfg, moe, [0, 1, 2], split='val')
     with torch.no_grad():
@@ -103,6 +104,16 @@ def test_upcycled_model_predicts_like_the_dense_checkpoint(tmp_path, shared_expe
         assert torch.equal(d.labels, m.labels)
         torch.testing.assert_close(m.bboxes, d.bboxes, rtol=0, atol=1e-4)
         torch.testing.assert_close(m.scores, d.scores, rtol=0, atol=1e-5)
+
+
+def test_dense_checkpoint_that_does_not_fit_the_experts_fails_clearly(tmp_path):
+    checkpoint = tmp_path / 'dense.pth'
+    torch.save({'state_dict': build_model(load_config(DENSE_CONFIG)).state_dict()}, checkpoint)
+    narrow = build_model(load_config(HIMOE_CONFIG, {
+        'model.roi_head.bbox_head.expert_channels': 128}))
+    with pytest.raises(ValueError, match=r"cannot upcycle 'roi_head\.bbox_head\.' from the "
+                                         r"dense checkpoint: dense layers of shapes"):
+        load_checkpoint(narrow, str(checkpoint), strict=False)
 
 
 def test_checkpoint_with_another_expert_count_fails_clearly(tmp_path):
@@ -223,8 +234,6 @@ def test_supercategory_groups_of_aquarium(data_root):
 
 
 def test_scene_supervision_from_dataset_supercategories():
-    from mmdet.registry import DATASETS
-
     cfg = load_config(HIMOE_CONFIG, SCENE_SUPERVISION)
     model = build_model(cfg).train()
     batch = real_batch(cfg, model, [0, 1])
@@ -249,8 +258,6 @@ def test_scene_supervision_from_dataset_supercategories():
 
 
 def test_checkpoint_getattr_stand_in_only_returns_history_buffer_methods():
-    from mmengine.logging import HistoryBuffer
-
     assert history_buffer_method(HistoryBuffer, 'mean') is HistoryBuffer.mean
     for owner, name in ((os, 'system'), (HistoryBuffer, '__init__'),
                         (HistoryBuffer, '_set_default_statistics'), (dict, 'get')):

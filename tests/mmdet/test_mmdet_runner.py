@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from mmdet_helpers import (HIMOE_CONFIG, REPO_ROOT, TRAIN_ITERS, VALID_IMAGES,
                            mmdet_tools_dir, slice_eval_config, subprocess_env, write_config)
+from mmengine.config import Config
 from mmengine.hooks import Hook
+from mmengine.runner import Runner
 
 ROUTING_LOSSES = ('loss_moe_balance', 'loss_moe_scene_balance', 'loss_moe_z')
 NUM_EXPERTS = 6
@@ -78,9 +80,6 @@ class _ResumeProbe(Hook):
 
 
 def test_resume_continues_from_saved_iteration_optimizer_and_router(trained_run, tmp_path):
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-
     saved = torch.load(trained_run.checkpoint, map_location='cpu')  # weights_only default
     assert saved['meta']['iter'] == TRAIN_ITERS
     cfg = Config.fromfile(str(trained_run.config))
