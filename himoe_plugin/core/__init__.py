@@ -1,5 +1,5 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
-from .config import MoEConfig, MoEConfigError
+from .config import MoEConfig, MoEConfigError, check_contiguous_layers
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts, stack_dense_layers
 from .losses import (
@@ -22,6 +22,7 @@ from .upcycle import upcycle_state_dict
 __all__ = [
     "MoEConfig",
     "MoEConfigError",
+    "check_contiguous_layers",
     "DispatchPlan",
     "build_dispatch_plan",
     "DenseMLP",

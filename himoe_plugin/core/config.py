@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Sequence
 
 
 class MoEConfigError(ValueError):
@@ -18,6 +18,20 @@ class MoEConfigError(ValueError):
     def renamed(self, key_of: Callable[[str], str]) -> "MoEConfigError":
         """The same error, with the setting named the way a framework's config names it."""
         return MoEConfigError(key_of(self.key), self.value, self.reason)
+
+
+def check_contiguous_layers(layers: Sequence[int], num_layers: int, key: str) -> None:
+    """The expert block must be a non-empty, increasing, contiguous run of existing fc layers
+    (0-based indices into ``num_layers``); errors name ``key``."""
+    layers = list(layers)
+    if not layers:
+        raise MoEConfigError(key, layers, "needs at least one fc layer index")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or layers != list(
+        range(layers[0], layers[-1] + 1)
+    ):
+        raise MoEConfigError(key, layers, "must be increasing, contiguous fc layer indices")
+    if layers[0] < 0 or layers[-1] >= num_layers:
+        raise MoEConfigError(key, layers, f"the box head has fc layers 0..{num_layers - 1}")
 
 
 @dataclass(frozen=True)

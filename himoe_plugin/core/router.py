@@ -107,7 +107,9 @@ class HierarchicalRouter(nn.Module):
             scene_log_probs = F.log_softmax(scene_logits / cfg.scene_temperature, dim=-1)
             scene_probs = scene_log_probs.exp()
             scene_groups = scene_log_probs.topk(cfg.scene_top_k, dim=-1).indices
-            group_kept = torch.zeros_like(scene_probs, dtype=torch.bool).scatter_(1, scene_groups, True)
+            group_kept = torch.zeros_like(scene_probs, dtype=torch.bool).scatter_(
+                1, scene_groups, torch.ones_like(scene_groups, dtype=torch.bool)
+            )  # a tensor source (not True) keeps the op traceable for FLOP counters
             eligible = group_kept[:, self.expert_group]
 
             x = self.instance_norm(instance_features.float())

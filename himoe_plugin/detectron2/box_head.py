@@ -12,13 +12,23 @@ from fvcore.nn import weight_init
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import HierarchicalRouter, MoEConfig, MoEMLP, Routing, upcycle_state_dict
-from .config import check_moe_fc_layers, himoe_key, moe_config_from_cfg, validate_himoe_cfg
+from ..core import (
+    HierarchicalRouter,
+    MoEConfig,
+    MoEMLP,
+    Routing,
+    check_contiguous_layers,
+    upcycle_state_dict,
+)
+from .config import himoe_key, moe_config_from_cfg, validate_himoe_cfg
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
 class MoEConvFCBoxHead(nn.Module):
     """``FastRCNNConvFCHead`` with fc layers ``moe_fc_layers`` replaced by routed experts.
+
+    The instance router sees the RoI's spatially averaged feature (C,) when the experts start at
+    the first fc layer, else the input of the expert block.
 
     Layout (names as in the stock head, so dense checkpoints load): ``conv{i}`` (dense),
     ``fc{i}`` for dense fc layers, ``moe`` for the expert block, ``router`` for the
@@ -58,7 +68,7 @@ class MoEConvFCBoxHead(nn.Module):
         if not fc_dims:
             raise ValueError("fc_dims: an MoE box head needs at least one fc layer")
         moe_fc_layers = [int(i) for i in moe_fc_layers]
-        check_moe_fc_layers(moe_fc_layers, len(fc_dims), "moe_fc_layers")
+        check_contiguous_layers(moe_fc_layers, len(fc_dims), "moe_fc_layers")
         self.moe_config = moe_config
         self.moe_fc_layers = moe_fc_layers
         self.upcycle_noise_std = upcycle_noise_std
@@ -79,6 +89,7 @@ class MoEConvFCBoxHead(nn.Module):
             self.add_module(f"conv{k + 1}", conv)
             self.convs.append(conv)
             size = (conv_dim, size[1], size[2])
+        pooled_channels = size[0]
         size = int(np.prod(size))
 
         first, last = moe_fc_layers[0], moe_fc_layers[-1]
@@ -93,8 +104,13 @@ class MoEConvFCBoxHead(nn.Module):
             num_experts_key=himoe_key("num_experts"),
         )
         self.fcs_after = self._dense_fcs(range(last + 1, len(fc_dims)), fc_dims, size)
+        # Experts starting at the first fc layer would route on the flattened C*H*W RoI feature;
+        # the (much cheaper) spatial mean of the RoI feature carries the same channels.
+        self.route_on_pooled_roi = first == 0
         self.router = HierarchicalRouter(
-            moe_config, scene_dim=scene_dim or input_shape.channels, instance_dim=block_in
+            moe_config,
+            scene_dim=scene_dim or input_shape.channels,
+            instance_dim=pooled_channels if self.route_on_pooled_roi else block_in,
         )
         self._output_size = fc_dims[-1]
 
@@ -151,10 +167,13 @@ class MoEConvFCBoxHead(nn.Module):
         """
         for conv in self.convs:
             x = conv(x)
+        router_input = x.mean(dim=(2, 3)) if self.route_on_pooled_roi else None
         x = torch.flatten(x, start_dim=1)
         for fc in self.fcs_before:
             x = F.relu(fc(x))
-        routing = self.router(scene_features, x, image_index, scene_targets)
+        routing = self.router(
+            scene_features, x if router_input is None else router_input, image_index, scene_targets
+        )
         x = self.moe(x, routing.plan)
         for fc in self.fcs_after:
             x = F.relu(fc(x))

@@ -6,7 +6,7 @@ from dataclasses import fields
 
 from detectron2.config import CfgNode, get_cfg
 
-from ..core import MoEConfig, MoEConfigError
+from ..core import MoEConfig, MoEConfigError, check_contiguous_layers
 
 MODEL_ZOO_PREFIX = "model_zoo://"
 
@@ -48,22 +48,12 @@ def validate_himoe_cfg(cfg: CfgNode) -> None:
     moe_config_from_cfg(cfg)
     node = cfg.MODEL.HIMOE
     num_fc = cfg.MODEL.ROI_BOX_HEAD.NUM_FC
-    check_moe_fc_layers(list(node.MOE_FC_LAYERS), num_fc, himoe_key("moe_fc_layers"))
+    check_contiguous_layers(list(node.MOE_FC_LAYERS), num_fc, himoe_key("moe_fc_layers"))
     for key in ("EXPERT_DIM", "UPCYCLE_NOISE_STD"):
         if node[key] < 0:
             raise MoEConfigError(himoe_key(key), node[key], "must be >= 0")
     if node.STATS_PERIOD < 1:
         raise MoEConfigError(himoe_key("stats_period"), node.STATS_PERIOD, "must be >= 1")
-
-
-def check_moe_fc_layers(layers: list, num_fc: int, key: str) -> None:
-    """The MoE layers must be a non-empty, increasing, contiguous run of existing fc layers."""
-    if not layers:
-        raise MoEConfigError(key, layers, "needs at least one fc layer index")
-    if any(not isinstance(i, int) for i in layers) or layers != list(range(layers[0], layers[-1] + 1)):
-        raise MoEConfigError(key, layers, "must be increasing, contiguous fc layer indices")
-    if layers[0] < 0 or layers[-1] >= num_fc:
-        raise MoEConfigError(key, layers, f"the box head has fc layers 0..{num_fc - 1}")
 
 
 class HIMoECfgNode(CfgNode):

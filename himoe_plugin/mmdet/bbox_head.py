@@ -9,7 +9,8 @@ from mmdet.utils import ConfigType, OptConfigType
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from ..core import MoEConfig, MoEConfigError, MoEMLP, Routing, upcycle_state_dict
+from ..core import (MoEConfig, MoEConfigError, MoEMLP, Routing, check_contiguous_layers,
+                    upcycle_state_dict)
 from .losses import LoadBalancingLoss, RouterZLoss, RoutingLoss, SceneSupervisionLoss
 from .router import HierarchicalRouter
 
@@ -48,8 +49,9 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
                      -> cls fcs -> cls / reg fcs -> reg
 
     Each expert is the whole block of fc layers (e.g. fc0+fc1 of ``Shared2FCBBoxHead``), run
-    only on the RoIs routed to it. The instance router sees the block's input feature of each
-    RoI, the scene router the pooled image feature given by ``InstanceMoERoIHead``.
+    only on the RoIs routed to it. The instance router sees each RoI's spatially averaged
+    feature (C,) when the experts start at the first fc layer, else the block's input; the
+    scene router sees the pooled image feature given by ``InstanceMoERoIHead``.
 
     Parameter names follow the dense head (``shared_fcs.<i>`` for the dense fc layers that
     remain), ``moe`` holds the experts and ``router`` the hierarchical router. Loading a
@@ -92,7 +94,7 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
             raise MoEConfigError(f'{HEAD_KEY}.num_shared_fcs', self.num_shared_fcs,
                                  'an MoE bbox head needs at least one shared fc layer')
         layers = list(range(self.num_shared_fcs)) if moe_fc_layers is None else list(moe_fc_layers)
-        _check_moe_fc_layers(layers, self.num_shared_fcs)
+        check_contiguous_layers(layers, self.num_shared_fcs, f'{HEAD_KEY}.moe_fc_layers')
         if isinstance(expert_channels, bool) or not isinstance(expert_channels, int) \
                 or expert_channels < 0:
             raise MoEConfigError(f'{HEAD_KEY}.expert_channels', expert_channels,
@@ -117,8 +119,14 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
         hidden = [expert_channels or self.fc_out_channels] * (last - first)
         head_settings = dict(core_weights, shared_expert=shared_expert,
                              shared_expert_weight=shared_expert_weight)
+        # Experts starting at the first fc layer would route on the flattened C*H*W RoI feature;
+        # the (much cheaper) spatial mean of the RoI feature carries the same channels.
+        self.route_on_pooled_roi = first == 0
+        pooled_channels = self.conv_out_channels if self.num_shared_convs > 0 else self.in_channels
         self.router: HierarchicalRouter = _build_router(
-            router, scene_dim=self.in_channels, instance_dim=block_in, head_settings=head_settings)
+            router, scene_dim=self.in_channels,
+            instance_dim=pooled_channels if self.route_on_pooled_roi else block_in,
+            head_settings=head_settings)
         config = self.moe_config
         self.moe = MoEMLP(
             config.num_experts,
@@ -179,10 +187,12 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
             x = conv(x)
         if self.with_avg_pool:
             x = self.avg_pool(x)
+        router_input = x.mean(dim=(2, 3)) if self.route_on_pooled_roi else None
         x = x.flatten(1)
         for fc in self.fcs_before:
             x = self.relu(fc(x))
-        routing = self.router(scene_feats, x, image_index, scene_targets)
+        routing = self.router(scene_feats, x if router_input is None else router_input,
+                              image_index, scene_targets)
         x = self.moe(x, routing.plan)
         for fc in self.fcs_after:
             x = self.relu(fc(x))
@@ -236,18 +246,6 @@ class MoEShared2FCBBoxHead(MoEConvFCBBoxHead):
             num_reg_fcs=0,
             fc_out_channels=fc_out_channels,
             **kwargs)
-
-
-def _check_moe_fc_layers(layers: List[int], num_fcs: int) -> None:
-    """The experts must replace a non-empty, increasing, contiguous run of shared fcs."""
-    key = f'{HEAD_KEY}.moe_fc_layers'
-    if not layers:
-        raise MoEConfigError(key, layers, 'needs at least one fc layer index')
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in layers) \
-            or layers != list(range(layers[0], layers[-1] + 1)):
-        raise MoEConfigError(key, layers, 'must be increasing, contiguous fc layer indices')
-    if layers[0] < 0 or layers[-1] >= num_fcs:
-        raise MoEConfigError(key, layers, f'the head has shared fc layers 0..{num_fcs - 1}')
 
 
 def _build_routing_loss(cfg: OptConfigType, name: str, loss_type: type) -> Optional[RoutingLoss]:

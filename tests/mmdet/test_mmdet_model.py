@@ -147,7 +147,7 @@ def test_checkpoint_with_another_expert_count_fails_clearly(tmp_path):
     ({'model.roi_head.bbox_head.moe_fc_layers': [1, 0]},
      r'roi_head\.bbox_head\.moe_fc_layers=\[1, 0\]: must be increasing, contiguous'),
     ({'model.roi_head.bbox_head.moe_fc_layers': [1, 2]},
-     r'roi_head\.bbox_head\.moe_fc_layers=\[1, 2\]: the head has shared fc layers 0\.\.1'),
+     r'roi_head\.bbox_head\.moe_fc_layers=\[1, 2\]: the box head has fc layers 0\.\.1'),
     ({'model.roi_head.bbox_head.loss_balance': dict(_delete_=True, type='RouterZLoss')},
      r'roi_head\.bbox_head\.loss_balance\.type=.RouterZLoss.: must be a LoadBalancingLoss'),
     ({'model.roi_head.stats_period': 0}, r'roi_head\.stats_period=0: must be an integer >= 1'),
