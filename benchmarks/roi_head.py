@@ -68,16 +68,19 @@ def mmdet_heads(top_k: int, shared: bool):
     common = dict(in_channels=256, fc_out_channels=1024, roi_feat_size=7, num_classes=NUM_CLASSES)
     dense_head = MODELS.build(dict(type="Shared2FCBBoxHead", **common))
     moe_head = MODELS.build(dict(
-        type="MoEShared2FCBBoxHead", **common,
-        moe_config=dict(num_experts=8, top_k=top_k, num_groups=4, scene_top_k=2, shared_expert=shared),
+        type="MoEShared2FCBBoxHead", **common, shared_expert=shared,
+        router=dict(type="HierarchicalRouter", num_experts=8, top_k=top_k, num_groups=4, scene_top_k=2),
     ))
+    dense_head.init_weights()
+    moe_head.init_weights()
 
     def dense(features, image_index, scene):
         return dense_head(features)
 
     def himoe(features, image_index, scene):
         cls_score, bbox_pred, routing = moe_head(features, scene, image_index)
-        return cls_score + sum(routing.losses.values()) if moe_head.training else cls_score, bbox_pred
+        aux = sum(moe_head.routing_losses(routing).values())
+        return cls_score + aux if moe_head.training else cls_score, bbox_pred
 
     return dense, himoe, [dense_head, moe_head]
 
@@ -98,6 +101,8 @@ def contenders(framework: str, top_k: int, shared: bool, phase: str) -> Dict[str
     def wrap(fn):
         def run():
             if train:
+                for module in modules:
+                    module.zero_grad(set_to_none=True)  # as optimizer.zero_grad() does
                 outputs = fn(features, image_index, scene)
                 sum(o.float().sum() for o in outputs).backward()
             else:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import DispatchPlan
+from .grouped_linear import grouped_linear
 
 
 class StackedMLPExperts(nn.Module):
@@ -46,37 +47,24 @@ class StackedMLPExperts(nn.Module):
             bound = 1.0 / math.sqrt(weight.shape[2])
             nn.init.uniform_(bias, -bound, bound)
 
-    def per_expert_parameters(self) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """``[expert][layer] -> (weight (out, in), bias (out,))`` views.
-
-        Unbinding once per forward (instead of indexing per expert) makes the backward pass
-        write each stacked gradient once rather than once per expert.
-        """
-        layers = [
-            list(zip(weight.unbind(0), bias.unbind(0)))
-            for weight, bias in zip(self.weights, self.biases)
-        ]
-        return [list(expert_layers) for expert_layers in zip(*layers)]
-
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """(N, dims[0]) -> (N, dims[-1]): sum over kept assignments of weight * expert(x).
 
-        Each expert runs only on the rows assigned to it (N*k rows in total, whatever E is).
-        Experts without rows still take part through a zero-row matmul so that their
-        parameters stay in the autograd graph (DDP without ``find_unused_parameters``).
+        The routed rows are gathered in expert order and each layer is one grouped linear
+        (every expert multiplies only its own rows: N*k rows in total, whatever E is). Every
+        expert's parameters get a gradient (zero without rows), so DDP never sees an unused one.
         """
         if x.shape[0] != plan.num_instances:
             raise ValueError(
                 f"input has {x.shape[0]} rows but the dispatch plan routes {plan.num_instances}"
             )
-        routed = x.index_select(0, plan.instance_index)
-        outputs = []
-        for expert_layers, rows in zip(
-            self.per_expert_parameters(), torch.split(routed, plan.rows_per_expert)
-        ):
-            outputs.append(_mlp(rows, expert_layers, self.activate_output))
-        expert_out = torch.cat(outputs)
-        weighted = expert_out * plan.combine_weight.unsqueeze(1).to(expert_out.dtype)
+        h = x.index_select(0, plan.instance_index)
+        last = len(self.weights) - 1
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            h = grouped_linear(h, weight, bias, plan.rows_per_expert)
+            if i < last or self.activate_output:
+                h = F.relu(h)
+        weighted = h * plan.combine_weight.unsqueeze(1).to(h.dtype)
         # Un-sort into the (N, k) grid (dropped assignments stay 0) and sum over k: a copy and a
         # reduction, much cheaper than a scatter-add on CPU.
         grid = weighted.new_zeros(plan.num_instances * plan.top_k, self.dims[-1])

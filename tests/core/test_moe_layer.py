@@ -164,3 +164,40 @@ def test_zero_instances_forward_and_backward(instances_per_image):
     assert stats["instances_per_image"].item() == n / 2
     if n == 0:
         assert stats["unused_experts"].item() == 4
+
+
+def test_grouped_linear_matches_per_expert_linear_in_value_and_gradient():
+    from himoe_plugin.core.grouped_linear import grouped_linear
+
+    torch.manual_seed(0)
+    rows = [3, 0, 5, 1]  # an expert without rows in the middle
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(9, 5, dtype=torch.float64)
+
+    out = grouped_linear(x, weight, bias, rows)
+    grads = torch.autograd.grad((out * upstream).sum(), (x, weight, bias))
+    chunks = torch.split(x, rows)
+    reference = torch.cat([torch.nn.functional.linear(c, weight[e], bias[e]) for e, c in enumerate(chunks)])
+    ref_grads = torch.autograd.grad((reference * upstream).sum(), (x, weight, bias))
+    torch.testing.assert_close(out, reference)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected)
+    assert (grads[1][1] == 0).all() and (grads[2][1] == 0).all()
+    assert torch.autograd.gradcheck(lambda a, w, b: grouped_linear(a, w, b, rows), (x, weight, bias))
+
+
+def test_grouped_linear_follows_autocast_and_keeps_float32_parameter_grads():
+    from himoe_plugin.core.grouped_linear import grouped_linear
+
+    x = torch.randn(7, 6, requires_grad=True)
+    weight = torch.randn(2, 4, 6, requires_grad=True)
+    bias = torch.randn(2, 4, requires_grad=True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = grouped_linear(x, weight, bias, [4, 3])
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    reference = torch.cat([x[:4] @ weight[0].T + bias[0], x[4:] @ weight[1].T + bias[1]])
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=5e-2)
