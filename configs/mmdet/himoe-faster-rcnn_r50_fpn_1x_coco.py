@@ -1,6 +1,6 @@
 # HI-MoE Faster R-CNN R50-FPN 1x on COCO: the stock config with the RoI head swapped.
-# The two fc layers of the box head become 8 experts (each RoI uses 2 of the 4 that its
-# image's scene router keeps); routing losses are added to the loss dict, routing statistics
+# The two fc layers of the box head become 8 experts in 4 groups of 2; the scene router keeps
+# 2 groups (4 experts) per image and each RoI uses its top 2 of them; routing losses are added to the loss dict, routing statistics
 # are logged as himoe/* every 50 iterations (= the logger interval).
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 
@@ -19,8 +19,8 @@ model = dict(
                 type='HierarchicalRouter',
                 num_experts=8,
                 top_k=2,
-                num_groups=0,
-                scene_top_k=4),
+                num_groups=4,
+                scene_top_k=2),
             loss_balance=dict(
                 type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
             loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def autocast_dtype(device_type: str):
@@ -37,7 +38,13 @@ def grouped_linear(
         rows_per_expert: E ints summing to A.
     Returns:
         (A, out). Under autocast the matmuls run in the autocast dtype, like ``F.linear``.
+
+    While tracing (TorchScript export, fvcore / mmengine FLOP counters) it is written as one
+    ``F.linear`` per expert, so tracers see standard ops with the real row counts.
     """
+    if torch.jit.is_tracing():
+        chunks = torch.split(x, list(rows_per_expert))
+        return torch.cat([F.linear(rows, weight[e], bias[e]) for e, rows in enumerate(chunks)])
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)

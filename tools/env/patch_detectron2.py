@@ -58,6 +58,15 @@ def patch_setup_py(root: Path) -> None:
 def patch_sources(root: Path) -> None:
     for rel in C_IMPORT_FILES:
         replace_once(root / rel, "from detectron2 import _C\n", OPTIONAL_C_IMPORT)
+    # Caffe2 left PyTorch long ago; as on Detectron2's main branch, export its API only when
+    # caffe2 exists, so detectron2.export (TracingAdapter, used by the FLOP counter and
+    # tools/analyze_model.py) imports.
+    replace_once(
+        root / "detectron2/export/__init__.py",
+        "from .api import *\n",
+        "try:\n    from caffe2.proto import caffe2_pb2 as _caffe2_pb2  # noqa: F401\n"
+        "except ImportError:\n    pass\nelse:\n    from .api import *\n",
+    )
     replace_once(
         root / "detectron2/data/transforms/transform.py",
         "interp=Image.LINEAR",
