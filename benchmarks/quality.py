@@ -62,8 +62,8 @@ def run(yaml: Path, output_dir: Path, iters: int, seed: int, weights: str, devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrain-iters", type=int, default=700)
-    parser.add_argument("--continue-iters", type=int, default=250)
+    parser.add_argument("--pretrain-iters", type=int, default=1200)
+    parser.add_argument("--continue-iters", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--upcycle-noise", type=float, default=0.01)
     parser.add_argument("--device", default="cpu")

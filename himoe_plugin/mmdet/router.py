@@ -16,7 +16,7 @@ class HierarchicalRouter(CoreHierarchicalRouter):
     Config entry (inside an MoE bbox head)::
 
         router=dict(type='HierarchicalRouter', num_experts=8, top_k=2,
-                    num_groups=0, scene_top_k=4)
+                    num_groups=4, scene_top_k=2)
 
     Every keyword is a field of ``himoe_plugin.core.MoEConfig`` and is validated there; the
     owning head supplies ``scene_dim``, ``instance_dim``, the loss weights (from its loss

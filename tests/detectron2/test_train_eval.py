@@ -4,6 +4,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,23 @@ def test_eval_only_entry_point_matches_in_process_evaluation(trained, registered
             assert value == "nan"
         else:
             assert float(value) == pytest.approx(expected[name], abs=1e-3)
+
+
+def test_published_checkpoint_holds_only_the_weights_and_loads(trained, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    run = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "publish_detectron2_model.py"),
+         str(trained["output_dir"] / "model_final.pth"), str(tmp_path / "himoe_aquarium.pth")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    published = Path(run.stdout.strip())
+    assert published.name.startswith("himoe_aquarium-") and published.is_file()
+    assert set(torch.load(published, map_location="cpu")) == {"model", "__author__"}
+    model = build_model(small_cfg(tmp_path))
+    DetectionCheckpointer(model).load(str(published))
+    trained_state = trained["trainer"].model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained_state[name]), name
