@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
     packages=find_packages(include=["himoe_plugin", "himoe_plugin.*"]),
-    install_requires=["torch>=1.13"],
+    install_requires=["torch>=2.0"],
     extras_require={
         # Detectron2 itself is installed from source (docs/INSTALL.md): it is not on PyPI.
         "detectron2": ["fvcore", "pycocotools"],
