@@ -54,6 +54,21 @@ def calibrate_batch_norm(model: torch.nn.Module, run_forward: Callable[[], objec
     model.eval()
 
 
+def check_identical_trunks(models: Dict[str, torch.nn.Module], prefixes: tuple) -> None:
+    """Fail unless every model has the same backbone / neck / RPN weights (hence proposals).
+
+    RoIAlign with adaptive sampling costs in proportion to the RoI areas, so models that
+    proposed different boxes would not be compared on the same work.
+    """
+    reference_name, reference = next(iter(models.items()))
+    expected = {k: v for k, v in reference.state_dict().items() if k.startswith(prefixes)}
+    for name, model in models.items():
+        state = model.state_dict()
+        differing = [k for k, v in expected.items() if not torch.equal(v, state[k])]
+        if differing:
+            raise RuntimeError(f"{name} and {reference_name} differ outside the RoI head: {differing[:3]}")
+
+
 def parameter_counts(model: torch.nn.Module, experts: torch.nn.Module, top_k: int) -> Dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     if experts is None:
@@ -93,10 +108,10 @@ def detectron2_models(size: int):
     train_batch = [mapper(d) for d in dicts]
     infer_batch = [{"image": train_batch[0]["image"], "height": dicts[0]["height"], "width": dicts[0]["width"]}]
 
-    infer, train, info = {}, {}, {}
+    infer, train, info, models = {}, {}, {}, {}
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
-        model = build_model(cfg)
+        model = models[name] = build_model(cfg)
         calibrate_batch_norm(model, lambda model=model: model.backbone(model.preprocess_image(train_batch).tensor))
         optimizer = build_optimizer(cfg, model)
 
@@ -123,6 +138,7 @@ def detectron2_models(size: int):
         info[name] = dict(params=parameter_counts(model, experts, VARIANTS[name] or 1),
                           gmacs=by_module[""] / 1e9,
                           box_head_gmacs=by_module["model.roi_heads.box_head"] / 1e9)
+    check_identical_trunks(models, ("backbone.", "proposal_generator."))
     return infer, train, info
 
 
@@ -174,7 +190,7 @@ def mmdet_models(size: int):
         "himoe_k2": str(REPO_ROOT / "configs/mmdet/himoe-faster-rcnn_r50_fpn_1x_coco.py"),
     }
     tmp = Path(tempfile.mkdtemp())
-    infer, train, info = {}, {}, {}
+    infer, train, info, models = {}, {}, {}, {}
     train_batch = infer_batch = None
     for name, base in bases.items():
         body = MMDET_BODY.format(size=size, data_root=str(data_root() / "aquarium") + "/")
@@ -187,7 +203,10 @@ def mmdet_models(size: int):
             train_batch = next(iter(Runner.build_dataloader(cfg.train_dataloader)))
             infer_batch = next(iter(Runner.build_dataloader(cfg.val_dataloader)))
         torch.manual_seed(0)
-        model = MODELS.build(cfg.model)
+        model = models[name] = MODELS.build(cfg.model)
+        # Building the experts draws random numbers, so reseed: the trunk's init_weights must
+        # draw the same ones in every variant.
+        torch.manual_seed(0)
         model.init_weights()
         calibrate_batch_norm(model, lambda model=model: model.extract_feat(
             model.data_preprocessor(train_batch, True)["inputs"]))
@@ -217,6 +236,7 @@ def mmdet_models(size: int):
         info[name] = dict(params=parameter_counts(model, experts, VARIANTS[name] or 1),
                           gmacs=by_module[""] / 1e9,
                           box_head_gmacs=by_module["roi_head.bbox_head"] / 1e9)
+    check_identical_trunks(models, ("backbone.", "neck.", "rpn_head."))
     return infer, train, info
 
 
