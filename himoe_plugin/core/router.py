@@ -121,7 +121,13 @@ class HierarchicalRouter(nn.Module):
             joint = (instance_logits + prior).masked_fill(~eligible[image_index], float("-inf"))
             instance_probs = F.softmax(joint, dim=-1)
             top_probs, expert_index = instance_probs.topk(cfg.top_k, dim=-1)
-            combine_weight = top_probs / top_probs.sum(dim=-1, keepdim=True)
+            if cfg.top_k == 1:
+                # Renormalised, a single weight is exactly 1 and has zero gradient, so the task
+                # would never train the routers. Keep the value 1 (dense equivalence at upcycling)
+                # and pass the gradient of log p: straight-through.
+                combine_weight = top_probs / top_probs.detach()
+            else:
+                combine_weight = top_probs / top_probs.sum(dim=-1, keepdim=True)
 
         plan = build_dispatch_plan(
             expert_index,

@@ -91,6 +91,24 @@ def test_gradients_reach_both_routers_and_every_selected_expert():
     assert (expert_grad[unselected] == 0).all()
 
 
+def test_top1_weight_is_one_but_routers_get_the_straight_through_gradient():
+    config = MoEConfig(num_experts=8, top_k=1, num_groups=4, scene_top_k=2)
+    router, scene, x, image_index = route(config, num_instances=64)
+    moe = MoEMLP(8, [16, 8])
+    routing = router(scene, x, image_index)
+    assert torch.equal(routing.combine_weight, torch.ones(64, 1))
+    out = moe(x, routing.plan)
+    routers = [router.scene_router.weight, router.instance_router.weight]
+    grads = torch.autograd.grad((out**2).sum(), routers, retain_graph=True)
+    # Straight-through: d/dtheta of sum_i <dL/dy_i, expert(x_i)> * log p(chosen expert | i),
+    # with dL/dy_i = 2 y_i and expert(x_i) = y_i (weight 1, no shared expert).
+    log_p = routing.instance_probs.gather(1, routing.expert_index).squeeze(1).log()
+    reference = torch.autograd.grad((2 * out.detach().pow(2).sum(1) * log_p).sum(), routers)
+    for grad, expected in zip(grads, reference):
+        assert expected.norm() > 1e-3
+        torch.testing.assert_close(grad, expected)
+
+
 def test_unused_experts_stay_in_the_autograd_graph():
     config = MoEConfig(num_experts=4, top_k=1, scene_top_k=4)
     moe = MoEMLP(4, [6, 5])
