@@ -1,6 +1,7 @@
 """Scene descriptors: masked mean pooling of (padded) image-level feature maps."""
 from __future__ import annotations
 
+import math
 from typing import Sequence, Tuple
 
 import torch
@@ -18,25 +19,23 @@ def masked_mean_pool(
         strides: L ints, the stride of each level w.r.t. the input image.
         image_sizes: B pairs (h, w), each image's size before padding.
     Returns:
-        (B, C) scene descriptors; padding never contributes.
+        (B, C) float32 scene descriptors; padding never contributes. The sums run in float32,
+        so a large fp16 map under autocast (66,800 cells at stride 4 of 800x1333) cannot overflow.
     """
     if len(feature_maps) != len(strides):
         raise ValueError(f"got {len(feature_maps)} feature maps but {len(strides)} strides")
     if not feature_maps:
         raise ValueError("masked_mean_pool needs at least one feature map")
-    device = feature_maps[0].device
-    sizes = torch.as_tensor([list(s) for s in image_sizes], dtype=torch.float32, device=device)
-    if sizes.shape[0] != feature_maps[0].shape[0]:
+    if len(image_sizes) != feature_maps[0].shape[0]:
         raise ValueError(
-            f"{sizes.shape[0]} image sizes for a batch of {feature_maps[0].shape[0]} feature maps"
+            f"{len(image_sizes)} image sizes for a batch of {feature_maps[0].shape[0]} feature maps"
         )
-    pooled = []
-    for features, stride in zip(feature_maps, strides):
-        height, width = features.shape[-2:]
-        valid = torch.ceil(sizes / stride).clamp_min(1.0)
-        rows = torch.arange(height, device=device).view(1, height, 1) < valid[:, 0].view(-1, 1, 1)
-        cols = torch.arange(width, device=device).view(1, 1, width) < valid[:, 1].view(-1, 1, 1)
-        mask = (rows & cols).unsqueeze(1).to(features.dtype)  # (B, 1, H, W)
-        area = mask.sum(dim=(2, 3))
-        pooled.append((features * mask).sum(dim=(2, 3)) / area)
-    return torch.stack(pooled).mean(dim=0)
+    per_image = []
+    for b, (height, width) in enumerate(image_sizes):
+        levels = [
+            features[b, :, : max(1, math.ceil(height / stride)), : max(1, math.ceil(width / stride))]
+            .mean(dim=(1, 2), dtype=torch.float32)
+            for features, stride in zip(feature_maps, strides)
+        ]
+        per_image.append(torch.stack(levels).mean(dim=0))
+    return torch.stack(per_image)

@@ -204,6 +204,14 @@ def test_masked_mean_pool_ignores_padding():
     torch.testing.assert_close(pooled[1], (padded[1].mean((1, 2)) + padded_small[1].mean((1, 2))) / 2)
 
 
+def test_masked_mean_pool_does_not_overflow_half_precision():
+    # A stride-4 map of an 800x1333 image has 66,800 cells: more than float16 can count to.
+    features = torch.full((1, 2, 200, 334), 1.5, dtype=torch.float16)
+    pooled = masked_mean_pool([features], [4], [(800, 1333)])
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled, torch.full((1, 2), 1.5))
+
+
 def test_stats_meter_averages_and_resets():
     meter = RoutingStatsMeter()
     meter.update({"expert_load": torch.tensor([1.0, 0.0]), "routing_entropy": torch.tensor(2.0)})
