@@ -25,7 +25,7 @@ C_IMPORT_FILES = [
     "detectron2/evaluation/fast_eval_api.py",
 ]
 # numpy >= 1.24 removed these aliases of Python builtins.
-NUMPY_ALIASES = {"bool": "bool", "int": "int64", "float": "float64", "str": "str", "object": "object"}
+NUMPY_ALIASES = {"bool": "bool_", "int": "int64", "float": "float64", "str": "str_", "object": "object_"}
 NUMPY_ALIAS_RE = re.compile(r"\bnp\.(bool|int|float|str|object)\b(?!_)")
 
 

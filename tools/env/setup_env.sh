@@ -44,7 +44,9 @@ log "torch ($TORCH_PINS), build tools and the runtime dependencies of detectron2
 # torch >= 2.14 needs setuptools >= 77; mmcv 2.1.0's setup.py needs pkg_resources (gone in 81).
 "${PIP[@]}" $TORCH_PINS "setuptools>=77,<81" wheel ninja -r "$REPO_ROOT/tools/env/requirements-stack.txt"
 
-if ! "$PY" -c "import detectron2.model_zoo, detectron2.modeling, detectron2.export" 2>/dev/null; then
+# The mask call fails on an install whose numpy aliases were not patched.
+if ! "$PY" -c "import detectron2.model_zoo, detectron2.modeling, detectron2.export
+from detectron2.structures.masks import polygons_to_bitmask; polygons_to_bitmask([], 2, 2)" 2>/dev/null; then
     log "detectron2 v0.6 (pb1-detectron2 sdist, patched, no C++ ops)"
     fetch_verified "$D2_URL" "$D2_SHA256" "$BUILD_DIR/pb1-detectron2-0.6.tar.gz"
     rm -rf "$BUILD_DIR/pb1-detectron2-0.6"
