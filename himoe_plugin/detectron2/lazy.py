@@ -7,7 +7,7 @@ from detectron2.config import LazyCall as L
 
 from ..core import MoEConfig
 from .box_head import MoEConvFCBoxHead
-from .roi_heads import InstanceMoEROIHead
+from .roi_heads import InstanceMoEROIHead, supercategory_groups
 
 
 def use_himoe_roi_heads(
@@ -17,6 +17,7 @@ def use_himoe_roi_heads(
     scene_in_features: Sequence[str] = (),
     stats_period: int = 20,
     upcycle_noise_std: float = 0.0,
+    supervision_datasets: Sequence[str] = (),
     **moe_settings,
 ):
     """Edit a LazyConfig ``model`` (e.g. ``model_zoo.get_config("common/models/mask_rcnn_fpn.py").model``)
@@ -25,8 +26,15 @@ def use_himoe_roi_heads(
     The stock box head's ``input_shape``, ``conv_dims``, ``fc_dims`` and ``conv_norm`` are
     kept; ``moe_settings`` are ``MoEConfig`` fields (validated here, errors name the field).
     Scene features default to the box features; their strides come from the box pooler scales.
+    With ``scene_supervision_weight`` > 0, ``supervision_datasets`` names the registered
+    datasets whose category supercategories define the expert group of every class.
     """
-    MoEConfig.from_mapping(moe_settings)
+    moe_config = MoEConfig.from_mapping(moe_settings)
+    if moe_config.scene_supervision_weight > 0 and not supervision_datasets:
+        raise ValueError(
+            "scene_supervision_weight > 0 needs supervision_datasets=[...], the training datasets "
+            "whose category supercategories define the expert groups"
+        )
     roi_heads = model.roi_heads
     stock_head = roi_heads.box_head
     box_head = L(MoEConvFCBoxHead)(
@@ -52,4 +60,8 @@ def use_himoe_roi_heads(
     roi_heads.scene_in_features = scene_in_features
     roi_heads.scene_strides = [strides_of[name] for name in scene_in_features]
     roi_heads.stats_period = stats_period
+    if moe_config.scene_supervision_weight > 0:
+        roi_heads.class_to_group = L(supercategory_groups)(
+            dataset_names=list(supervision_datasets), num_groups=moe_config.groups
+        )
     return model

@@ -61,6 +61,14 @@ class InstanceMoEROIHead(StandardROIHeads):
         self.scene_strides = [int(s) for s in scene_strides]
         self.stats_period = stats_period
         self.routing_stats = RoutingStatsMeter()
+        if class_to_group is None and self.box_head.moe_config.scene_supervision_weight > 0:
+            raise MoEConfigError(
+                himoe_key("scene_supervision_weight"),
+                self.box_head.moe_config.scene_supervision_weight,
+                "super-class supervision needs class_to_group (the expert group of every class): "
+                "yaml configs derive it from DATASETS.TRAIN; with LazyConfig pass "
+                "use_himoe_roi_heads(..., supervision_datasets=[...]), or set the weight to 0",
+            )
         if class_to_group is not None:
             self.register_buffer(
                 "class_to_group", torch.as_tensor(list(class_to_group), dtype=torch.long), persistent=False

@@ -104,3 +104,35 @@ def test_missing_himoe_keys_give_a_hint():
 
     with pytest.raises(KeyError, match="add_himoe_config"):
         moe_config_from_cfg(get_cfg())
+
+
+def _stock_aquarium_lazy_model():
+    from detectron2 import model_zoo
+
+    model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    model.roi_heads.num_classes = 7
+    model.roi_heads.mask_in_features = model.roi_heads.mask_pooler = model.roi_heads.mask_head = None
+    return model
+
+
+def test_lazyconfig_scene_supervision_takes_groups_from_the_datasets(registered):
+    from himoe_plugin.detectron2.lazy import use_himoe_roi_heads
+
+    model = use_himoe_roi_heads(_stock_aquarium_lazy_model(), num_experts=6, num_groups=3, scene_top_k=2,
+                                scene_supervision_weight=0.5, supervision_datasets=["aquarium_train"])
+    heads = instantiate(model.roi_heads)
+    # Same mapping as the yaml path (test_roi_head): bird=0, fish-like=1, invertebrate=2.
+    assert heads.class_to_group.tolist() == [1, 2, 0, 0, 1, 2, 1]
+
+
+def test_scene_supervision_without_class_groups_fails_instead_of_doing_nothing(registered):
+    from himoe_plugin.detectron2.lazy import use_himoe_roi_heads
+
+    settings = dict(num_experts=6, num_groups=3, scene_top_k=2, scene_supervision_weight=0.5)
+    with pytest.raises(ValueError, match="supervision_datasets"):
+        use_himoe_roi_heads(_stock_aquarium_lazy_model(), **settings)
+    model = use_himoe_roi_heads(_stock_aquarium_lazy_model(), supervision_datasets=["aquarium_train"],
+                                **settings)
+    del model.roi_heads.class_to_group  # as a hand-written LazyConfig would leave it
+    with pytest.raises(MoEConfigError, match="SCENE_SUPERVISION_WEIGHT=0.5: super-class supervision needs class_to_group"):
+        instantiate(model.roi_heads)
