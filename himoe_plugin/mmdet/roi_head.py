@@ -69,6 +69,11 @@ class InstanceMoERoIHead(StandardRoIHead):
                               for s in strides):
             raise MoEConfigError('roi_head.scene_featmap_strides', scene_featmap_strides,
                                  'must be a non-empty list of positive integer strides')
+        neck_strides = list(self.bbox_roi_extractor.featmap_strides)
+        if list(strides) != neck_strides[:len(strides)]:
+            raise MoEConfigError('roi_head.scene_featmap_strides', scene_featmap_strides,
+                                 f'the scene router pools the first len(strides) neck levels, whose '
+                                 f'strides are {neck_strides[:len(strides)]} (of {neck_strides})')
         if isinstance(stats_period, bool) or not isinstance(stats_period, int) \
                 or stats_period < 1:
             raise MoEConfigError('roi_head.stats_period', stats_period, 'must be an integer >= 1')

@@ -151,6 +151,9 @@ def test_checkpoint_with_another_expert_count_fails_clearly(tmp_path):
     ({'model.roi_head.bbox_head.loss_balance': dict(_delete_=True, type='RouterZLoss')},
      r'roi_head\.bbox_head\.loss_balance\.type=.RouterZLoss.: must be a LoadBalancingLoss'),
     ({'model.roi_head.stats_period': 0}, r'roi_head\.stats_period=0: must be an integer >= 1'),
+    ({'model.roi_head.scene_featmap_strides': [8, 16, 32]},
+     r'roi_head\.scene_featmap_strides=\[8, 16, 32\]: the scene router pools the first '
+     r'len\(strides\) neck levels, whose strides are \[4, 8, 16\]'),
 ])
 def test_bad_settings_fail_naming_the_config_key(options, message):
     with pytest.raises(MoEConfigError, match=message):
