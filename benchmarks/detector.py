@@ -1,6 +1,6 @@
 """End-to-end HI-MoE Faster R-CNN R50-FPN vs the dense one, both frameworks, side by side.
 
-    python benchmarks/detector.py                    # short side 512, ~20 min on 2 CPU cores
+    python benchmarks/detector.py                    # short side 512, ~7 min on 2 CPU cores
     python benchmarks/detector.py --size 800 --frameworks detectron2
 
 For each framework: the stock dense Faster R-CNN R50-FPN and HI-MoE (8 experts in 4 groups,

@@ -1,6 +1,6 @@
 """MoE layer cost vs one dense expert and vs the naive all-experts pattern (side by side).
 
-    python benchmarks/moe_layer.py                 # default grid, ~25 min on 2 CPU cores
+    python benchmarks/moe_layer.py                 # default grid, ~15 min on 2 CPU cores
     python benchmarks/moe_layer.py --quick         # smoke run
     python benchmarks/moe_layer.py --full          # every E x k x shared x N for every layer
 

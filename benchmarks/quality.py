@@ -1,6 +1,6 @@
 """Quality on real data: dense Faster R-CNN -> (a) dense continuation vs (b) upcycled HI-MoE.
 
-    python benchmarks/quality.py                          # ~1 h on 2 CPU cores (defaults below)
+    python benchmarks/quality.py                          # ~75 min on 2 CPU cores (defaults below)
     python benchmarks/quality.py --pretrain-iters 20000 --continue-iters 5000 --seeds 1 2 3  # GPU
 
 Detectron2, Faster R-CNN R18-FPN from scratch on Aquarium train (short side 224-288):

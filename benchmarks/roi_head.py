@@ -1,6 +1,6 @@
 """HI-MoE box head vs the stock dense box head on identical RoI features (side by side).
 
-    python benchmarks/roi_head.py              # Detectron2 and MMDetection, ~10 min on 2 cores
+    python benchmarks/roi_head.py              # Detectron2 and MMDetection, ~3 min on 2 cores
     python benchmarks/roi_head.py --quick
 
 Shapes: training = 512 sampled RoIs x 2 images (forward + backward of box head and predictor);
@@ -23,8 +23,9 @@ VARIANTS = [(1, False), (2, False), (1, True), (2, True)]  # (k, shared)
 NUM_CLASSES = 80
 
 
-def detectron2_heads(top_k: int, shared: bool) -> Tuple[Callable, Callable]:
-    """(dense, himoe) callables: RoI features (N, 256, 7, 7), image_index -> predictor outputs."""
+def detectron2_heads(top_k: int, shared: bool) -> Tuple[Callable, Callable, List[torch.nn.Module]]:
+    """(dense, himoe, modules): callables (RoI features (N, 256, 7, 7), image_index, scene) ->
+    predictor outputs, and the modules they use."""
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.box_regression import Box2BoxTransform
     from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers
