@@ -30,7 +30,6 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def run(yaml: Path, output_dir: Path, iters: int, seed: int, weights: str, device: str, extra=()) -> Dict:
     """Train ``iters`` iterations from ``weights`` (fresh schedule), then evaluate on valid."""
-    from detectron2.utils.comm import get_world_size  # noqa: F401  (initialises detectron2 logging)
     from detectron2.utils.env import seed_all_rng
 
     from himoe_plugin.detectron2 import get_himoe_cfg

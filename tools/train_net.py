@@ -11,7 +11,6 @@ The bundled datasets (aquarium_train, aquarium_valid, coco128_train) are registe
 --data-root (default $HIMOE_DATA_ROOT or ../shared/data); --register NAME JSON IMAGE_DIR adds
 any other COCO-format dataset. Without CUDA the model runs on CPU.
 """
-import logging
 import os
 import sys
 
@@ -19,14 +18,13 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from himoe_plugin.detectron2 import get_himoe_cfg, register_bundled_datasets, register_coco_dataset
 from himoe_plugin.detectron2.config import validate_himoe_cfg
 from himoe_plugin.detectron2.data import default_data_root
 from himoe_plugin.detectron2.engine import HIMoETrainer, launch
-
-logger = logging.getLogger("himoe_plugin")
-
 
 def register_datasets(args) -> None:
     data_root = args.data_root or default_data_root()
@@ -44,8 +42,12 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     if "InstanceMoE" in cfg.MODEL.ROI_HEADS.NAME:
         validate_himoe_cfg(cfg)
+    if cfg.TEST.AUG.ENABLED:
+        raise NotImplementedError("TEST.AUG.ENABLED: test-time augmentation is not supported by this tool")
     cfg.freeze()
     default_setup(cfg, args)
+    # As Detectron2's projects do: the plugin's own messages (e.g. the upcycling report).
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="himoe_plugin")
     return cfg
 
 
@@ -58,8 +60,6 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = HIMoETrainer.test(cfg, model)
-        if cfg.TEST.AUG.ENABLED:
-            raise NotImplementedError("test-time augmentation is not supported by this tool")
         verify_results(cfg, results)
         return results
     trainer = HIMoETrainer(cfg)

@@ -3,6 +3,7 @@ from .config import MoEConfig, MoEConfigError, check_contiguous_layers
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts, stack_dense_layers
 from .losses import (
+    groups_of_supercategories,
     scene_supervision_loss,
     scene_targets_from_labels,
     switch_balance_loss,
@@ -29,6 +30,7 @@ __all__ = [
     "MoEMLP",
     "StackedMLPExperts",
     "stack_dense_layers",
+    "groups_of_supercategories",
     "scene_supervision_loss",
     "scene_targets_from_labels",
     "switch_balance_loss",

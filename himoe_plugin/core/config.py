@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Dict, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
 
 
 class MoEConfigError(ValueError):
@@ -120,9 +120,6 @@ class MoEConfig:
         if self.capacity_factor == 0.0:
             return 0
         return max(1, math.ceil(self.capacity_factor * num_instances * self.top_k / self.num_experts))
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_mapping(

@@ -71,15 +71,6 @@ class StackedMLPExperts(nn.Module):
         grid = grid.index_copy(0, plan.slot, weighted)
         return grid.view(plan.num_instances, plan.top_k, self.dims[-1]).sum(dim=1)
 
-    @torch.no_grad()
-    def load_dense(
-        self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], noise_std: float = 0.0
-    ) -> None:
-        """Copy dense ``(weight (out, in), bias (out,))`` layers into every expert (upcycling)."""
-        stacked = stack_dense_layers(layers, self.num_experts, self.dims, noise_std)
-        for (weight, bias), param_w, param_b in zip(stacked, self.weights, self.biases):
-            param_w.copy_(weight)
-            param_b.copy_(bias)
 
 
 def stack_dense_layers(
@@ -121,11 +112,6 @@ class DenseMLP(nn.Module):
         """(N, dims[0]) -> (N, dims[-1])."""
         return _mlp(x, [(layer.weight, layer.bias) for layer in self.layers], self.activate_output)
 
-    @torch.no_grad()
-    def load_dense(self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for (dense_w, dense_b), layer in zip(layers, self.layers):
-            layer.weight.copy_(dense_w)
-            layer.bias.copy_(dense_b)
 
 
 class MoEMLP(nn.Module):
@@ -179,13 +165,6 @@ class MoEMLP(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def load_dense(
-        self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], noise_std: float = 0.0
-    ) -> None:
-        """Upcycle: every expert (and the shared expert) starts as the given dense layers."""
-        self.experts.load_dense(layers, noise_std)
-        if self.shared is not None:
-            self.shared.load_dense(layers)
 
 
 def _mlp(

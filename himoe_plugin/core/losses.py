@@ -1,9 +1,11 @@
 """Auxiliary routing losses (all float32, all differentiable)."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
+
+from .config import MoEConfigError
 
 
 def switch_balance_loss(assignment_fraction: torch.Tensor, mean_probability: torch.Tensor) -> torch.Tensor:
@@ -25,6 +27,27 @@ def logsumexp_squared_sum(logits: torch.Tensor) -> torch.Tensor:
     ``logits``: (n, E) -> scalar; 0 (with a graph) for n = 0.
     """
     return torch.logsumexp(logits, dim=-1).square().sum()
+
+
+def groups_of_supercategories(
+    supercategories: Sequence[str], num_groups: int, num_groups_key: str
+) -> List[int]:
+    """Expert group of every class for super-class supervision: the index of the class's
+    supercategory among the sorted distinct ones.
+
+    Args:
+        supercategories: one name per class, in class order.
+        num_groups: the router's number of expert groups; must equal the number of distinct
+            supercategories, else MoEConfigError naming ``num_groups_key``.
+    """
+    names = sorted(set(supercategories))
+    if len(names) != num_groups:
+        raise MoEConfigError(
+            num_groups_key, num_groups,
+            "super-class supervision needs one expert group per supercategory: the data has "
+            f"{len(names)} ({', '.join(names)})",
+        )
+    return [names.index(s) for s in supercategories]
 
 
 def scene_targets_from_labels(

@@ -1,14 +1,11 @@
 """Sparse upcycling: turn the dense layers of a checkpoint into the experts of a MoEMLP."""
 from __future__ import annotations
 
-import logging
 from typing import Dict, List, Sequence
 
 import torch
 
 from .experts import MoEMLP, stack_dense_layers
-
-logger = logging.getLogger(__name__)
 
 
 def upcycle_state_dict(
@@ -26,7 +23,7 @@ def upcycle_state_dict(
     holds the dense layers ``prefix + name + '.weight'/'.bias'`` for every name in
     ``dense_layer_names`` and holds no expert weights under ``prefix + moe_name``.
 
-    Returns the report: one line per mapped key. The dense keys are removed so they are not
+    Returns the report (the adapters log it): one line per mapped key. The dense keys are removed so they are not
     reported as unexpected; routers are not touched (they keep their near-neutral init).
     """
     moe_prefix = f"{prefix}{moe_name}."
@@ -54,6 +51,4 @@ def upcycle_state_dict(
             report.append(f"{w}, {b} -> {moe_prefix}shared.layers.{layer} (shared expert)")
         del state_dict[w], state_dict[b]
     state_dict[moe_prefix + "num_experts"] = torch.tensor(num_experts)
-    for line in report:
-        logger.info("upcycled %s", line)
     return report

@@ -1,6 +1,7 @@
 """Box head whose fully connected layers (all or a contiguous run of them) are HI-MoE experts."""
 from __future__ import annotations
 
+import logging
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..core import (
     upcycle_state_dict,
 )
 from .config import himoe_key, moe_config_from_cfg, validate_himoe_cfg
+
+logger = logging.getLogger(__name__)
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -191,5 +194,6 @@ class MoEConvFCBoxHead(nn.Module):
         )
         if report:
             self.upcycle_report = report
+            logger.info("upcycled the dense box head into experts:\n  %s", "\n  ".join(report))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -12,7 +12,13 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from ..core import MoEConfigError, RoutingStatsMeter, masked_mean_pool, scene_targets_from_labels
+from ..core import (
+    MoEConfigError,
+    RoutingStatsMeter,
+    groups_of_supercategories,
+    masked_mean_pool,
+    scene_targets_from_labels,
+)
 from .box_head import MoEConvFCBoxHead
 from .config import himoe_key, moe_config_from_cfg
 
@@ -188,14 +194,7 @@ def supercategory_groups(dataset_names: Sequence[str], num_groups: int) -> List[
         if supercategories is not None and found != supercategories:
             raise MoEConfigError(key, list(dataset_names), "the datasets' supercategories differ")
         supercategories = found
-    names = sorted(set(supercategories))
-    if len(names) != num_groups:
-        raise MoEConfigError(
-            himoe_key("num_groups"), num_groups,
-            f"super-class supervision needs one expert group per supercategory: the data has "
-            f"{len(names)} ({', '.join(names)})",
-        )
-    return [names.index(s) for s in supercategories]
+    return groups_of_supercategories(supercategories, num_groups, himoe_key("num_groups"))
 
 
 def _thing_supercategories(dataset_name: str) -> Optional[List[str]]:

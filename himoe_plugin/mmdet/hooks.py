@@ -9,7 +9,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
-from ..core import MoEConfigError
+from ..core import MoEConfigError, groups_of_supercategories
 from .roi_head import InstanceMoERoIHead
 
 
@@ -60,10 +60,4 @@ def supercategory_groups(ann_file: str, cat_ids: Sequence[int], num_groups: int)
         raise MoEConfigError('roi_head.bbox_head.loss_scene', ann_file,
                              f'categories without a supercategory: {missing}')
     supercategories = [categories[i]['supercategory'] for i in cat_ids]
-    names = sorted(set(supercategories))
-    if len(names) != num_groups:
-        raise MoEConfigError(
-            'roi_head.bbox_head.router.num_groups', num_groups,
-            'super-class supervision needs one expert group per supercategory: the training '
-            f"data has {len(names)} ({', '.join(names)})")
-    return [names.index(s) for s in supercategories]
+    return groups_of_supercategories(supercategories, num_groups, 'roi_head.bbox_head.router.num_groups')

@@ -3,7 +3,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from himoe_plugin.core import DenseMLP, HierarchicalRouter, MoEConfig, MoEMLP, build_dispatch_plan
+from himoe_plugin.core import (
+    DenseMLP,
+    HierarchicalRouter,
+    MoEConfig,
+    MoEMLP,
+    build_dispatch_plan,
+    upcycle_state_dict,
+)
 
 
 def route(config, num_instances=40, num_images=2, scene_dim=8, instance_dim=16, seed=0):
@@ -39,7 +46,10 @@ def test_identical_experts_equal_dense_mlp():
     router, scene, x, image_index = route(config)
     dense = DenseMLP([16, 32, 8])
     moe = MoEMLP(8, [16, 32, 8], shared_expert=True, shared_expert_weight=0.3)
-    moe.load_dense([(layer.weight, layer.bias) for layer in dense.layers])
+    state = {f"fc{i}.{name}": getattr(layer, name).detach() for i, layer in enumerate(dense.layers)
+             for name in ("weight", "bias")}
+    assert len(upcycle_state_dict(state, "", ["fc0", "fc1"], "moe", moe)) == 6  # 2 layers x (w, b, shared)
+    moe.load_state_dict({key.removeprefix("moe."): value for key, value in state.items()})
     routing = router(scene, x, image_index)
     # Routing is non-trivial: several experts are used, and weights are not all equal.
     assert routing.expert_index.unique().numel() > 2

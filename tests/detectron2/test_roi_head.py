@@ -78,7 +78,7 @@ def test_routing_sees_only_real_rois_and_unpadded_pixels(model):
     captured, handle = capture_routing(heads)
     with EventStorage(0):
         sampled, _ = heads(images, features, proposals, targets)
-        (scene, instances, image_index), routing = captured[-1][0][:3], captured[-1][1]
+        _, instances, image_index = captured[-1][0][:3]
         assert instances.shape[0] == sum(len(p) for p in sampled)
         assert torch.equal(image_index.bincount(minlength=2), torch.tensor([len(p) for p in sampled]))
 
