@@ -68,12 +68,11 @@ def build_dispatch_plan(
         kept = torch.zeros_like(flat_expert, dtype=torch.bool)
         kept[order[keep_sorted]] = True
         order = order[keep_sorted]
-        sorted_expert = sorted_expert[keep_sorted]
+        rows_per_expert = per_expert.clamp_max(capacity).tolist()
     else:
         order = torch.argsort(flat_expert, stable=True)
-        sorted_expert = flat_expert[order]
         kept = torch.ones_like(flat_expert, dtype=torch.bool)
-    rows_per_expert = torch.bincount(sorted_expert, minlength=num_experts).tolist()
+        rows_per_expert = torch.bincount(flat_expert, minlength=num_experts).tolist()
     return DispatchPlan(
         num_instances=num_instances,
         top_k=top_k,

@@ -189,8 +189,8 @@ class HierarchicalRouter(nn.Module):
                 dropped = (~routing.plan.kept).sum().float()
             scalars = torch.stack(
                 [
-                    probs.new_tensor(float(probs.shape[0])),
-                    probs.new_tensor(float(scene_logits.shape[0])),
+                    probs.new_full((), float(probs.shape[0])),  # a fill: no host-to-device copy
+                    probs.new_full((), float(scene_logits.shape[0])),
                     dropped,
                     entropy,
                     logsumexp_squared_sum(instance_logits),

@@ -139,9 +139,8 @@ class InstanceMoEROIHead(StandardROIHeads):
         box_features = self.box_pooler(
             [features[f] for f in self.box_in_features], [p.proposal_boxes for p in proposals]
         )
-        image_index = torch.repeat_interleave(
-            torch.arange(len(proposals), device=box_features.device),
-            torch.as_tensor([len(p) for p in proposals], device=box_features.device),
+        image_index = torch.cat(
+            [box_features.new_full((len(p),), i, dtype=torch.long) for i, p in enumerate(proposals)]
         )
         box_features, routing = self.box_head(box_features, scene_features, image_index, scene_targets)
         predictions = self.box_predictor(box_features)
