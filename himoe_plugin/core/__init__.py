@@ -1,14 +1,16 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
+from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics
 from .config import MoEConfig, MoEConfigError, check_contiguous_layers
 from .dispatch import DispatchPlan, build_dispatch_plan
-from .experts import DenseMLP, MoEMLP, StackedMLPExperts, stack_dense_layers
+from .experts import DenseMLP, MoEMLP, StackedMLPExperts
 from .losses import (
     groups_of_supercategories,
+    read_coco_supercategories,
     scene_supervision_loss,
     scene_targets_from_labels,
     switch_balance_loss,
 )
-from .pooling import masked_mean_pool
+from .pooling import masked_mean_pool, masked_token_mean
 from .router import (
     LOSS_BALANCE,
     LOSS_SCENE_BALANCE,
@@ -16,11 +18,15 @@ from .router import (
     LOSS_Z,
     HierarchicalRouter,
     Routing,
+    SceneRouting,
 )
 from .stats import RoutingStatsMeter
-from .upcycle import upcycle_state_dict
+from .upcycle import UPCYCLE_MODES, split_dense_layers, stack_dense_layers, upcycle_state_dict
 
 __all__ = [
+    "STATS_PREFIX",
+    "MoEBlock",
+    "collect_routing_statistics",
     "MoEConfig",
     "MoEConfigError",
     "check_contiguous_layers",
@@ -29,18 +35,23 @@ __all__ = [
     "DenseMLP",
     "MoEMLP",
     "StackedMLPExperts",
-    "stack_dense_layers",
     "groups_of_supercategories",
+    "read_coco_supercategories",
     "scene_supervision_loss",
     "scene_targets_from_labels",
     "switch_balance_loss",
     "masked_mean_pool",
+    "masked_token_mean",
     "LOSS_BALANCE",
     "LOSS_SCENE_BALANCE",
     "LOSS_SCENE_SUPERVISION",
     "LOSS_Z",
     "HierarchicalRouter",
     "Routing",
+    "SceneRouting",
     "RoutingStatsMeter",
+    "UPCYCLE_MODES",
+    "split_dense_layers",
+    "stack_dense_layers",
     "upcycle_state_dict",
 ]

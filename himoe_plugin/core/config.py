@@ -41,6 +41,8 @@ class MoEConfig:
     Scene level: the scene router scores ``num_groups`` expert groups per image (``num_groups=0``
     means one group per expert) and keeps the best ``scene_top_k`` groups. Instance level: every
     instance is sent to its ``top_k`` experts among the experts of its image's kept groups.
+    ``instance_router=False`` routes on the scene alone (every instance of an image gets the
+    same experts); ``num_groups=1`` routes on the instance alone (token-level routing).
     """
 
     num_experts: int = 8
@@ -50,6 +52,7 @@ class MoEConfig:
     scene_temperature: float = 1.0
     scene_noise_std: float = 0.0
     instance_jitter: float = 0.0
+    instance_router: bool = True
     instance_uses_scene_probs: bool = True
     shared_expert: bool = False
     shared_expert_weight: float = 0.5
@@ -81,6 +84,12 @@ class MoEConfig:
                 f"larger than the scene subset: scene_top_k={self.scene_top_k} groups of "
                 f"{self.experts_per_group} experts leave {self.subset_size} eligible experts",
             )
+        if self.instance_router is False and self.experts_per_group != 1:
+            self._fail(
+                "num_groups",
+                "scene-only routing (instance_router=False) picks experts, not groups: "
+                "use num_groups=0 (one group per expert)",
+            )
         self._check_float("scene_temperature", minimum=0.0, inclusive=False)
         self._check_float("scene_noise_std", minimum=0.0)
         self._check_float("instance_jitter", minimum=0.0)
@@ -97,7 +106,7 @@ class MoEConfig:
             "scene_supervision_weight",
         ):
             self._check_float(name, minimum=0.0)
-        for name in ("instance_uses_scene_probs", "shared_expert", "global_balance"):
+        for name in ("instance_router", "instance_uses_scene_probs", "shared_expert", "global_balance"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "must be a boolean")
 

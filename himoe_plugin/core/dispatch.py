@@ -22,6 +22,7 @@ class DispatchPlan:
         rows_per_expert: length-E list of ints, how many kept assignments each expert gets
             (a host list: splitting by it is the one host sync of the dispatch).
         kept: (N, k) bool, which of the routed assignments survived the capacity limit.
+        num_dropped: how many assignments the capacity limit dropped (a host int).
     """
 
     num_instances: int
@@ -31,6 +32,7 @@ class DispatchPlan:
     combine_weight: torch.Tensor
     rows_per_expert: List[int]
     kept: torch.Tensor
+    num_dropped: int = 0
 
     @property
     def num_experts(self) -> int:
@@ -68,11 +70,14 @@ def build_dispatch_plan(
         kept = torch.zeros_like(flat_expert, dtype=torch.bool)
         kept[order[keep_sorted]] = True
         order = order[keep_sorted]
-        rows_per_expert = per_expert.clamp_max(capacity).tolist()
+        routed_per_expert = per_expert.tolist()
+        rows_per_expert = [min(rows, capacity) for rows in routed_per_expert]
+        num_dropped = sum(routed_per_expert) - sum(rows_per_expert)
     else:
         order = torch.argsort(flat_expert, stable=True)
         kept = torch.ones_like(flat_expert, dtype=torch.bool)
         rows_per_expert = torch.bincount(flat_expert, minlength=num_experts).tolist()
+        num_dropped = 0
     return DispatchPlan(
         num_instances=num_instances,
         top_k=top_k,
@@ -81,4 +86,5 @@ def build_dispatch_plan(
         combine_weight=combine_weight.reshape(-1)[order],
         rows_per_expert=rows_per_expert,
         kept=kept.view(num_instances, top_k),
+        num_dropped=num_dropped,
     )

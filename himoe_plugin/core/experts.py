@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,32 +73,6 @@ class StackedMLPExperts(nn.Module):
 
 
 
-def stack_dense_layers(
-    layers: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-    num_experts: int,
-    dims: Sequence[int],
-    noise_std: float = 0.0,
-) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """E copies of dense layers: ``[(weight (E, out, in), bias (E, out)), ...]``.
-
-    ``noise_std`` > 0 adds Gaussian noise scaled by each layer's weight std, so that experts
-    can diverge; 0 gives identical experts. Raises ValueError if the layers do not chain
-    ``dims[0] -> ... -> dims[-1]``.
-    """
-    shapes = [tuple(w.shape) for w, _ in layers]
-    expected = [(d_out, d_in) for d_in, d_out in zip(dims[:-1], dims[1:])]
-    if shapes != expected or any(tuple(b.shape) != (w.shape[0],) for w, b in layers):
-        raise ValueError(f"dense layers of shapes {shapes} do not fit experts of shapes {expected}")
-    stacked = []
-    for weight, bias in layers:
-        weight = weight.detach().float()
-        experts_w = weight.unsqueeze(0).repeat(num_experts, 1, 1)
-        if noise_std > 0:
-            experts_w += torch.randn_like(experts_w) * noise_std * weight.std()
-        stacked.append((experts_w, bias.detach().float().unsqueeze(0).repeat(num_experts, 1)))
-    return stacked
-
-
 class DenseMLP(nn.Module):
     """One always-on MLP (the shared expert), same layout as one of ``StackedMLPExperts``."""
 
@@ -120,6 +94,8 @@ class MoEMLP(nn.Module):
     ``y = (1 - s) * sum_j w_j * expert_j(x) + s * shared(x)`` with ``s = shared_expert_weight``
     when the shared expert is on, else ``y = sum_j w_j * expert_j(x)``. With identical experts
     (and a shared expert equal to them) and weights summing to 1, ``y`` equals one dense MLP.
+    The shared expert has the experts' widths unless ``shared_dims`` says otherwise (e.g. the
+    whole dense FFN next to fine-grained experts).
     """
 
     def __init__(
@@ -130,10 +106,13 @@ class MoEMLP(nn.Module):
         shared_expert_weight: float = 0.5,
         activate_output: bool = True,
         num_experts_key: str = "num_experts",
+        shared_dims: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         self.experts = StackedMLPExperts(num_experts, dims, activate_output)
-        self.shared: Optional[DenseMLP] = DenseMLP(dims, activate_output) if shared_expert else None
+        self.shared: Optional[DenseMLP] = None
+        if shared_expert:
+            self.shared = DenseMLP(shared_dims or dims, activate_output)
         self.shared_expert_weight = shared_expert_weight
         self.num_experts_key = num_experts_key
         # Saved with checkpoints so that loading one with another expert count fails clearly

@@ -1,7 +1,8 @@
 """Auxiliary routing losses (all float32, all differentiable)."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import json
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,6 +28,24 @@ def logsumexp_squared_sum(logits: torch.Tensor) -> torch.Tensor:
     ``logits``: (n, E) -> scalar; 0 (with a graph) for n = 0.
     """
     return torch.logsumexp(logits, dim=-1).square().sum()
+
+
+def read_coco_supercategories(json_file: str, category_ids: Optional[Sequence[int]] = None) -> List[str]:
+    """Supercategory of every category of a COCO annotation file.
+
+    Args:
+        json_file: the COCO json.
+        category_ids: the categories in label order; None: all, sorted by id (the order of
+            Detectron2's contiguous ids).
+    Raises ValueError naming the categories that have no supercategory.
+    """
+    with open(json_file) as f:
+        categories = {c["id"]: c for c in json.load(f)["categories"]}
+    ids = sorted(categories) if category_ids is None else list(category_ids)
+    missing = [categories[i]["name"] for i in ids if "supercategory" not in categories[i]]
+    if missing:
+        raise ValueError(f"{json_file}: categories without a supercategory: {missing}")
+    return [categories[i]["supercategory"] for i in ids]
 
 
 def groups_of_supercategories(

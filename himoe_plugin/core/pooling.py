@@ -39,3 +39,18 @@ def masked_mean_pool(
         ]
         per_image.append(torch.stack(levels).mean(dim=0))
     return torch.stack(per_image)
+
+
+def masked_token_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of each image's valid tokens.
+
+    Args:
+        tokens: (B, T, C) token features (e.g. transformer tokens or object queries).
+        valid: (B, T) bool, True for tokens that count (not padding, not denoising queries).
+    Returns:
+        (B, C) float32; an image without valid tokens gets zeros.
+    """
+    with torch.autocast(device_type=tokens.device.type, enabled=False):
+        weights = valid.to(torch.float32).unsqueeze(1)  # (B, 1, T)
+        total = torch.bmm(weights, tokens.to(torch.float32)).squeeze(1)
+        return total / weights.sum(dim=2).clamp_min(1.0)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig
+from .config import MoEConfig, MoEConfigError
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .distributed import global_sum
 from .losses import logsumexp_squared_sum, scene_supervision_loss, switch_balance_loss
@@ -17,6 +17,29 @@ LOSS_BALANCE = "loss_moe_balance"
 LOSS_SCENE_BALANCE = "loss_moe_scene_balance"
 LOSS_Z = "loss_moe_z"
 LOSS_SCENE_SUPERVISION = "loss_moe_scene_supervision"
+
+
+@dataclass
+class SceneRouting:
+    """Scene-level routing of B images over G expert groups (all float32).
+
+    Attributes:
+        logits: (B, G) scene-router logits (with training noise, before the temperature).
+        log_probs: (B, G) log of the scene distribution.
+        groups: (B, k_s) long, groups kept for each image, best first.
+        kept: (B, G) bool, the same as a mask.
+        eligible: (B, E) bool, experts inside each image's subset.
+    """
+
+    logits: torch.Tensor
+    log_probs: torch.Tensor
+    groups: torch.Tensor
+    kept: torch.Tensor
+    eligible: torch.Tensor
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.log_probs.exp()
 
 
 @dataclass
@@ -33,6 +56,7 @@ class Routing:
         scene_groups: (B, k_s) long, groups kept for each image.
         eligible: (B, E) bool, experts inside each image's subset.
         plan: how to run the experts sparsely.
+        scene: the scene-level routing (reusable by a later router, see ``forward``).
         losses: weighted auxiliary losses, keys start with ``loss_`` (training only).
         statistics: detached tensors for logging (global over ranks when configured).
     """
@@ -44,6 +68,7 @@ class Routing:
     scene_groups: torch.Tensor
     eligible: torch.Tensor
     plan: DispatchPlan
+    scene: SceneRouting
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     statistics: Dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -56,69 +81,104 @@ class HierarchicalRouter(nn.Module):
         p(e | i) = softmax_e( instance_logit(i, e) + log p_scene(g(e) | b) ),  e eligible for b
 
     so the scene distribution acts as a prior and both routers receive the task gradient
-    through the combine weights (as long as an image keeps more than one group).
+    through the combine weights (as long as an image keeps more than one group). Without an
+    instance router (``instance_router=False``, scene-only routing) the instance logits are 0
+    and every instance of an image gets the same experts.
     Both routers see layer-normalised inputs (as MoE layers in transformers do), so that
     routing starts near-uniform whatever the scale of detection features.
     All router math runs in float32, also under autocast.
+
+    ``num_groups`` and ``num_experts`` are saved as buffers: loading a checkpoint routed over
+    another number of groups or experts fails naming the setting (``key_of(field)``), instead
+    of a checkpointer silently skipping the shape-mismatched router weights.
     """
 
-    def __init__(self, config: MoEConfig, scene_dim: int, instance_dim: int):
+    def __init__(
+        self,
+        config: MoEConfig,
+        scene_dim: int,
+        instance_dim: int,
+        key_of: Callable[[str], str] = str,
+    ):
         super().__init__()
         self.config = config
+        self.key_of = key_of
         self.scene_norm = nn.LayerNorm(scene_dim, elementwise_affine=False)
-        self.instance_norm = nn.LayerNorm(instance_dim, elementwise_affine=False)
         self.scene_router = nn.Linear(scene_dim, config.groups)
-        scene_input = config.groups if config.instance_uses_scene_probs else 0
-        self.instance_router = nn.Linear(instance_dim + scene_input, config.num_experts)
+        self.instance_norm: Optional[nn.LayerNorm] = None
+        self.instance_router: Optional[nn.Linear] = None
+        if config.instance_router:
+            self.instance_norm = nn.LayerNorm(instance_dim, elementwise_affine=False)
+            scene_input = config.groups if config.instance_uses_scene_probs else 0
+            self.instance_router = nn.Linear(instance_dim + scene_input, config.num_experts)
         self.register_buffer(
             "expert_group",
             torch.arange(config.num_experts) // config.experts_per_group,
             persistent=False,
         )
+        self.register_buffer("num_groups", torch.tensor(config.groups), persistent=True)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Near-neutral start: logits of std ~0.1 on normalised inputs, zero bias."""
         for linear in (self.scene_router, self.instance_router):
-            nn.init.normal_(linear.weight, std=0.1 / linear.in_features**0.5)
-            nn.init.zeros_(linear.bias)
+            if linear is not None:
+                nn.init.normal_(linear.weight, std=0.1 / linear.in_features**0.5)
+                nn.init.zeros_(linear.bias)
+
+    def route_scene(self, scene_features: torch.Tensor) -> SceneRouting:
+        """(B, C_scene) pooled image features -> the scene subsets of the B images."""
+        cfg = self.config
+        with torch.autocast(device_type=scene_features.device.type, enabled=False):
+            logits = _linear_fp32(self.scene_router, self.scene_norm(scene_features.float()))
+            if self.training and cfg.scene_noise_std > 0:
+                logits = logits + torch.randn_like(logits) * cfg.scene_noise_std
+            log_probs = F.log_softmax(logits / cfg.scene_temperature, dim=-1)
+            groups = log_probs.topk(cfg.scene_top_k, dim=-1).indices
+            kept = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(
+                1, groups, torch.ones_like(groups, dtype=torch.bool)
+            )  # a tensor source (not True) keeps the op traceable for FLOP counters
+        return SceneRouting(logits, log_probs, groups, kept, kept[:, self.expert_group])
 
     def forward(
         self,
-        scene_features: torch.Tensor,
+        scene_features: Optional[torch.Tensor],
         instance_features: torch.Tensor,
         image_index: torch.Tensor,
         scene_targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        counted: Optional[torch.Tensor] = None,
+        scene: Optional[SceneRouting] = None,
     ) -> Routing:
         """Route.
 
         Args:
-            scene_features: (B, C_scene) one pooled descriptor per image.
+            scene_features: (B, C_scene) one pooled descriptor per image (unused, may be None,
+                when ``scene`` is given).
             instance_features: (N, C_inst) one feature per instance (N may be 0).
             image_index: (N,) long, image of each instance.
             scene_targets: optional ``(targets (B, G), has_target (B,))`` for super-class
                 supervision of the scene router (see ``scene_targets_from_labels``).
+            counted: optional (N,) bool, the instances that enter the balance and z losses
+                and the statistics (e.g. not DETR denoising queries); all when None. Every
+                instance is routed either way.
+            scene: a scene routing to reuse (computed by another router, e.g. an earlier
+                cascade stage). Its scene-level losses and statistics belong to that router,
+                so this one adds only instance-level ones.
         """
         cfg = self.config
-        with torch.autocast(device_type=scene_features.device.type, enabled=False):
-            scene_logits = _linear_fp32(self.scene_router, self.scene_norm(scene_features.float()))
-            if self.training and cfg.scene_noise_std > 0:
-                scene_logits = scene_logits + torch.randn_like(scene_logits) * cfg.scene_noise_std
-            scene_log_probs = F.log_softmax(scene_logits / cfg.scene_temperature, dim=-1)
-            scene_probs = scene_log_probs.exp()
-            scene_groups = scene_log_probs.topk(cfg.scene_top_k, dim=-1).indices
-            group_kept = torch.zeros_like(scene_probs, dtype=torch.bool).scatter_(
-                1, scene_groups, torch.ones_like(scene_groups, dtype=torch.bool)
-            )  # a tensor source (not True) keeps the op traceable for FLOP counters
-            eligible = group_kept[:, self.expert_group]
-
-            x = self.instance_norm(instance_features.float())
-            if self.training and cfg.instance_jitter > 0:
-                eps = cfg.instance_jitter
-                x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-            instance_logits = self._instance_logits(x, scene_probs, image_index)
-            prior = scene_log_probs[image_index][:, self.expert_group]
-            joint = (instance_logits + prior).masked_fill(~eligible[image_index], float("-inf"))
+        owns_scene = scene is None
+        if owns_scene:
+            scene = self.route_scene(scene_features)
+        if scene.kept.shape[1] != cfg.groups:
+            raise ValueError(
+                f"the reused scene routing has {scene.kept.shape[1]} groups, this router {cfg.groups}"
+            )
+        with torch.autocast(device_type=instance_features.device.type, enabled=False):
+            scene_probs = scene.probs
+            instance_logits = self._instance_logits(instance_features, scene_probs, image_index)
+            prior = scene.log_probs[image_index][:, self.expert_group]
+            joint = (prior if instance_logits is None else instance_logits + prior)
+            joint = joint.masked_fill(~scene.eligible[image_index], float("-inf"))
             instance_probs = F.softmax(joint, dim=-1)
             top_probs, expert_index = instance_probs.topk(cfg.top_k, dim=-1)
             if cfg.top_k == 1:
@@ -141,25 +201,34 @@ class HierarchicalRouter(nn.Module):
             combine_weight=combine_weight * plan.kept,
             instance_probs=instance_probs,
             scene_probs=scene_probs,
-            scene_groups=scene_groups,
-            eligible=eligible,
+            scene_groups=scene.groups,
+            eligible=scene.eligible,
             plan=plan,
+            scene=scene,
         )
-        self._account(routing, instance_logits, scene_logits, group_kept)
-        if self.training and cfg.scene_supervision_weight > 0 and scene_targets is not None:
+        self._account(routing, instance_logits, counted, owns_scene)
+        if self.training and owns_scene and cfg.scene_supervision_weight > 0 and scene_targets is not None:
             targets, has_target = scene_targets
             routing.losses[LOSS_SCENE_SUPERVISION] = cfg.scene_supervision_weight * (
-                scene_supervision_loss(scene_log_probs, targets.float(), has_target)
+                scene_supervision_loss(scene.log_probs, targets.float(), has_target)
             )
         return routing
 
     def _instance_logits(
-        self, x: torch.Tensor, scene_probs: torch.Tensor, image_index: torch.Tensor
-    ) -> torch.Tensor:
-        """(N, E) logits of ``[x, scene_probs[image]]`` without materialising the concatenation."""
+        self, instance_features: torch.Tensor, scene_probs: torch.Tensor, image_index: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """(N, E) logits of ``[x, scene_probs[image]]`` without materialising the concatenation
+        (None without an instance router)."""
+        if self.instance_router is None:
+            return None
+        cfg = self.config
+        x = self.instance_norm(instance_features.float())
+        if self.training and cfg.instance_jitter > 0:
+            eps = cfg.instance_jitter
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         weight = self.instance_router.weight.float()
         bias = self.instance_router.bias.float()
-        if not self.config.instance_uses_scene_probs:
+        if not cfg.instance_uses_scene_probs:
             return F.linear(x, weight, bias)
         feature_dim = x.shape[1]
         per_image = F.linear(scene_probs, weight[:, feature_dim:])  # (B, E)
@@ -168,9 +237,9 @@ class HierarchicalRouter(nn.Module):
     def _account(
         self,
         routing: Routing,
-        instance_logits: torch.Tensor,
-        scene_logits: torch.Tensor,
-        group_kept: torch.Tensor,
+        instance_logits: Optional[torch.Tensor],
+        counted: Optional[torch.Tensor],
+        owns_scene: bool,
     ) -> None:
         """Fill ``routing.losses`` (training) and ``routing.statistics`` from one packed vector.
 
@@ -180,32 +249,35 @@ class HierarchicalRouter(nn.Module):
         cfg = self.config
         num_experts, groups = cfg.num_experts, cfg.groups
         probs = routing.instance_probs
+        expert_index = routing.expert_index
+        kept = routing.plan.kept
+        scene = routing.scene
         with torch.autocast(device_type=probs.device.type, enabled=False):
-            assignment_counts = torch.bincount(
-                routing.expert_index.reshape(-1), minlength=num_experts
-            ).float()
+            if counted is not None:
+                probs, expert_index, kept = probs[counted], expert_index[counted], kept[counted]
+                if instance_logits is not None:
+                    instance_logits = instance_logits[counted]
+            assignment_counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts).float()
             with torch.no_grad():
                 entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-                dropped = (~routing.plan.kept).sum().float()
+                dropped = (~kept).sum().float()
+            zero = probs.new_zeros(())
             scalars = torch.stack(
                 [
                     probs.new_full((), float(probs.shape[0])),  # a fill: no host-to-device copy
-                    probs.new_full((), float(scene_logits.shape[0])),
+                    probs.new_full((), float(scene.logits.shape[0])) if owns_scene else zero,
                     dropped,
                     entropy,
-                    logsumexp_squared_sum(instance_logits),
-                    logsumexp_squared_sum(scene_logits),
+                    zero if instance_logits is None else logsumexp_squared_sum(instance_logits),
+                    logsumexp_squared_sum(scene.logits) if owns_scene else zero,
                 ]
             )
-            packed = torch.cat(
-                [
-                    assignment_counts,
-                    probs.sum(dim=0),
-                    group_kept.float().sum(dim=0),
-                    routing.scene_probs.sum(dim=0),
-                    scalars,
-                ]
+            scene_part = (
+                [scene.kept.float().sum(dim=0), scene.probs.sum(dim=0)]
+                if owns_scene
+                else [probs.new_zeros(groups), probs.new_zeros(groups)]
             )
+            packed = torch.cat([assignment_counts, probs.sum(dim=0), *scene_part, scalars])
             if self.training and cfg.global_balance:
                 packed = global_sum(packed)
             counts, prob_sums, group_counts, scene_prob_sums, scalars = torch.split(
@@ -223,7 +295,7 @@ class HierarchicalRouter(nn.Module):
                     losses[LOSS_BALANCE] = cfg.balance_loss_weight * switch_balance_loss(
                         expert_load, prob_sums / instances
                     )
-                if cfg.scene_balance_loss_weight > 0:
+                if owns_scene and cfg.scene_balance_loss_weight > 0:
                     losses[LOSS_SCENE_BALANCE] = cfg.scene_balance_loss_weight * switch_balance_loss(
                         group_counts / (images * cfg.scene_top_k), scene_prob_sums / images
                     )
@@ -232,12 +304,28 @@ class HierarchicalRouter(nn.Module):
 
             routing.statistics = {
                 "expert_load": expert_load.detach(),
-                "group_usage": (group_counts / images).detach(),
                 "routing_entropy": (entropy / instances).detach(),
                 "dropped_fraction": (dropped / num_assignments).detach(),
                 "unused_experts": (counts == 0).sum().float().detach(),
                 "instances_per_image": (num_instances / images).detach(),
             }
+            if owns_scene:
+                routing.statistics["group_usage"] = (group_counts / images).detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "num_groups"
+        if key in state_dict:
+            saved = int(state_dict[key])
+            if saved != self.config.groups:
+                raise MoEConfigError(
+                    self.key_of("num_groups"), self.config.num_groups,
+                    f"the checkpoint's router at '{prefix[:-1]}' chooses among {saved} expert "
+                    f"groups but this model's among {self.config.groups}; set it to match the "
+                    "checkpoint (0 means one group per expert)",
+                )
+        else:  # checkpoints written before the buffer existed: shapes were the only record
+            state_dict[key] = self.num_groups.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -13,15 +13,11 @@ from fvcore.nn import weight_init
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import (
-    HierarchicalRouter,
-    MoEConfig,
-    MoEMLP,
-    Routing,
-    check_contiguous_layers,
-    upcycle_state_dict,
-)
-from .config import himoe_key, moe_config_from_cfg, validate_himoe_cfg
+from ..core import HierarchicalRouter, MoEBlock, MoEConfig, Routing, check_contiguous_layers
+from .config import check_head_settings, himoe_key, moe_config_from_cfg, validate_himoe_cfg
+
+#: How errors name ``moe_config`` fields given as a mapping (LazyConfig).
+LAZY_MOE_KEY = "box_head.moe_config.{}"
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +30,11 @@ class MoEConvFCBoxHead(nn.Module):
     the first fc layer, else the input of the expert block.
 
     Layout (names as in the stock head, so dense checkpoints load): ``conv{i}`` (dense),
-    ``fc{i}`` for dense fc layers, ``moe`` for the expert block, ``router`` for the
-    hierarchical router. Each expert is the whole block (e.g. fc1+fc2), run sparsely.
-    Loading a dense checkpoint (``fc{i}`` keys of the block, no expert keys) upcycles it:
-    every expert starts from the dense layers.
+    ``fc{i}`` for dense fc layers, ``moe_block`` (a core ``MoEBlock``: ``moe_block.router``,
+    ``moe_block.moe``) for the expert block. Each expert is the whole block (e.g. fc1+fc2),
+    run sparsely. Loading a dense checkpoint (``fc{i}`` keys of the block, no expert keys)
+    upcycles it: every expert starts from the dense layers. Checkpoints written before the
+    block existed (``router.*``, ``moe.*`` keys) load unchanged.
     """
 
     @configurable
@@ -66,13 +63,17 @@ class MoEConvFCBoxHead(nn.Module):
             upcycle_noise_std: relative noise added to experts upcycled from a dense checkpoint.
         """
         super().__init__()
+        key_of = himoe_key
         if isinstance(moe_config, Mapping):
-            moe_config = MoEConfig.from_mapping(moe_config, key_of=lambda k: f"moe_config.{k}")
+            key_of = LAZY_MOE_KEY.format
+            moe_config = MoEConfig.from_mapping(moe_config, key_of=key_of)
+        check_head_settings(
+            {"expert_dim": expert_dim, "upcycle_noise_std": upcycle_noise_std}, key_of=str
+        )
         if not fc_dims:
             raise ValueError("fc_dims: an MoE box head needs at least one fc layer")
         moe_fc_layers = [int(i) for i in moe_fc_layers]
         check_contiguous_layers(moe_fc_layers, len(fc_dims), "moe_fc_layers")
-        self.moe_config = moe_config
         self.moe_fc_layers = moe_fc_layers
         self.upcycle_noise_std = upcycle_noise_std
         self.upcycle_report: List[str] = []
@@ -99,35 +100,36 @@ class MoEConvFCBoxHead(nn.Module):
         self.fcs_before = self._dense_fcs(range(first), fc_dims, size)
         block_in = fc_dims[first - 1] if first > 0 else size
         hidden = [expert_dim or d for d in fc_dims[first:last]]
-        self.moe = MoEMLP(
-            moe_config.num_experts,
-            [block_in, *hidden, fc_dims[last]],
-            shared_expert=moe_config.shared_expert,
-            shared_expert_weight=moe_config.shared_expert_weight,
-            num_experts_key=himoe_key("num_experts"),
-        )
-        self.fcs_after = self._dense_fcs(range(last + 1, len(fc_dims)), fc_dims, size)
         # Experts starting at the first fc layer would route on the flattened C*H*W RoI feature;
         # the (much cheaper) spatial mean of the RoI feature carries the same channels.
         self.route_on_pooled_roi = first == 0
-        self.router = HierarchicalRouter(
+        router = HierarchicalRouter(
             moe_config,
             scene_dim=scene_dim or input_shape.channels,
             instance_dim=pooled_channels if self.route_on_pooled_roi else block_in,
+            key_of=key_of,
         )
+        self.moe_block = MoEBlock(router, [block_in, *hidden, fc_dims[last]], activate_output=True)
+        self.fcs_after = self._dense_fcs(range(last + 1, len(fc_dims)), fc_dims, size)
         self._output_size = fc_dims[-1]
 
         for conv in self.convs:
             weight_init.c2_msra_fill(conv)
         for fc in self.fcs_before + self.fcs_after:
             weight_init.c2_xavier_fill(fc)
-        for weight, bias in zip(self.moe.experts.weights, self.moe.experts.biases):
-            for expert_weight in weight:
+        moe = self.moe_block.moe
+        for weight, bias in zip(moe.experts.weights, moe.experts.biases):
+            for expert_weight in weight:  # c2_xavier_fill of every expert
                 nn.init.kaiming_uniform_(expert_weight, a=1)
             nn.init.zeros_(bias)
-        if self.moe.shared is not None:
-            for layer in self.moe.shared.layers:
+        if moe.shared is not None:
+            for layer in moe.shared.layers:
                 weight_init.c2_xavier_fill(layer)
+
+    @property
+    def moe_config(self) -> MoEConfig:
+        """The validated router, expert and loss settings."""
+        return self.moe_block.config
 
     def _dense_fcs(self, indices: range, fc_dims: List[int], flat_input: int) -> List[nn.Linear]:
         fcs = []
@@ -174,10 +176,9 @@ class MoEConvFCBoxHead(nn.Module):
         x = torch.flatten(x, start_dim=1)
         for fc in self.fcs_before:
             x = F.relu(fc(x))
-        routing = self.router(
-            scene_features, x if router_input is None else router_input, image_index, scene_targets
+        x, routing = self.moe_block(
+            x, scene_features, image_index, router_input=router_input, scene_targets=scene_targets
         )
-        x = self.moe(x, routing.plan)
         for fc in self.fcs_after:
             x = F.relu(fc(x))
         return x, routing
@@ -188,9 +189,10 @@ class MoEConvFCBoxHead(nn.Module):
         return ShapeSpec(channels=self._output_size)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        dense_names = [f"fc{i + 1}" for i in self.moe_fc_layers]
-        report = upcycle_state_dict(
-            state_dict, prefix, dense_names, "moe", self.moe, self.upcycle_noise_std
+        MoEBlock.adopt_flat_keys(state_dict, prefix, "moe_block")
+        dense = [f"{prefix}fc{i + 1}" for i in self.moe_fc_layers]
+        report = self.moe_block.upcycle(
+            state_dict, prefix + "moe_block.", dense, noise_std=self.upcycle_noise_std
         )
         if report:
             self.upcycle_report = report

@@ -1,8 +1,10 @@
 """``MODEL.HIMOE`` config keys, their validation, and yaml inheritance from the model zoo."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import fields
+from typing import Any, Callable, Mapping
 
 from detectron2.config import CfgNode, get_cfg
 
@@ -43,17 +45,30 @@ def moe_config_from_cfg(cfg: CfgNode) -> MoEConfig:
     return MoEConfig.from_mapping(values, key_of=himoe_key)
 
 
+def check_head_settings(values: Mapping[str, Any], key_of: Callable[[str], str]) -> None:
+    """Validate the head settings that are not ``MoEConfig`` fields (any subset of
+    ``expert_dim``, ``upcycle_noise_std``, ``stats_period``); errors name ``key_of(name)``."""
+    for name, value in values.items():
+        if name == "upcycle_noise_std":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise MoEConfigError(key_of(name), value, "must be a finite number >= 0")
+            continue
+        minimum = {"expert_dim": 0, "stats_period": 1}[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise MoEConfigError(key_of(name), value, f"must be an integer >= {minimum}")
+
+
 def validate_himoe_cfg(cfg: CfgNode) -> None:
     """Fail early, naming the key, on settings the model would reject at build time."""
     moe_config_from_cfg(cfg)
     node = cfg.MODEL.HIMOE
     num_fc = cfg.MODEL.ROI_BOX_HEAD.NUM_FC
     check_contiguous_layers(list(node.MOE_FC_LAYERS), num_fc, himoe_key("moe_fc_layers"))
-    for key in ("EXPERT_DIM", "UPCYCLE_NOISE_STD"):
-        if node[key] < 0:
-            raise MoEConfigError(himoe_key(key), node[key], "must be >= 0")
-    if node.STATS_PERIOD < 1:
-        raise MoEConfigError(himoe_key("stats_period"), node.STATS_PERIOD, "must be >= 1")
+    check_head_settings(
+        {name: node[name.upper()] for name in ("expert_dim", "upcycle_noise_std", "stats_period")},
+        key_of=himoe_key,
+    )
 
 
 class HIMoECfgNode(CfgNode):

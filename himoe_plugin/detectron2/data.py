@@ -9,6 +9,8 @@ from typing import List, Optional
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from ..core import read_coco_supercategories
+
 # name -> (annotation file, image folder), relative to the data root (see ../shared/data/README.md)
 BUNDLED_DATASETS = {
     "aquarium_train": ("aquarium/annotations/instances_train.json", "aquarium/images/train"),
@@ -44,8 +46,10 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
     register_coco_instances(name, {}, json_file, image_root)
     metadata = MetadataCatalog.get(name)
     metadata.set(thing_classes=[c["name"] for c in categories])
-    if all("supercategory" in c for c in categories):
-        metadata.set(thing_supercategories=[c["supercategory"] for c in categories])
+    try:
+        metadata.set(thing_supercategories=read_coco_supercategories(json_file))
+    except ValueError:  # some category has none: super-class supervision is unavailable
+        pass
 
 
 def register_bundled_datasets(data_root: Optional[str] = None) -> List[str]:

@@ -1,7 +1,6 @@
 """``InstanceMoEROIHead``: StandardROIHeads whose box head routes every RoI through HI-MoE."""
 from __future__ import annotations
 
-import json
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -14,15 +13,14 @@ from detectron2.utils.events import get_event_storage
 
 from ..core import (
     MoEConfigError,
-    RoutingStatsMeter,
+    collect_routing_statistics,
     groups_of_supercategories,
     masked_mean_pool,
+    read_coco_supercategories,
     scene_targets_from_labels,
 )
 from .box_head import MoEConvFCBoxHead
-from .config import himoe_key, moe_config_from_cfg
-
-STATS_PREFIX = "himoe/"
+from .config import check_head_settings, himoe_key, moe_config_from_cfg
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -58,6 +56,7 @@ class InstanceMoEROIHead(StandardROIHeads):
         """
         super().__init__(**kwargs)
         _check_box_head(self.box_head)
+        check_head_settings({"stats_period": stats_period}, key_of=str)
         if len(scene_in_features) != len(scene_strides) or not scene_in_features:
             raise ValueError(
                 f"scene_in_features={list(scene_in_features)} and scene_strides="
@@ -66,7 +65,6 @@ class InstanceMoEROIHead(StandardROIHeads):
         self.scene_in_features = list(scene_in_features)
         self.scene_strides = [int(s) for s in scene_strides]
         self.stats_period = stats_period
-        self.routing_stats = RoutingStatsMeter()
         if class_to_group is None and self.box_head.moe_config.scene_supervision_weight > 0:
             raise MoEConfigError(
                 himoe_key("scene_supervision_weight"),
@@ -88,7 +86,7 @@ class InstanceMoEROIHead(StandardROIHeads):
         moe_config = moe_config_from_cfg(cfg)
         _check_box_head(ret["box_head"])
         scene_in = list(cfg.MODEL.HIMOE.SCENE_IN_FEATURES) or list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-        box_channels = ret["box_head"].router.scene_router.in_features
+        box_channels = ret["box_head"].moe_block.router.scene_router.in_features
         for name in scene_in:
             if name not in input_shape:
                 raise MoEConfigError(
@@ -151,7 +149,7 @@ class InstanceMoEROIHead(StandardROIHeads):
 
         losses = self.box_predictor.losses(predictions, proposals)
         losses.update(routing.losses)
-        self._log_routing(routing.statistics)
+        self._log_routing()
         if self.train_on_pred_boxes:
             with torch.no_grad():
                 pred_boxes = self.box_predictor.predict_boxes_for_gt_classes(predictions, proposals)
@@ -159,12 +157,12 @@ class InstanceMoEROIHead(StandardROIHeads):
                     proposals_per_image.proposal_boxes = Boxes(pred_boxes_per_image)
         return losses
 
-    def _log_routing(self, statistics: Dict[str, torch.Tensor]) -> None:
-        """Accumulate on device; write means to the EventStorage once per period."""
-        self.routing_stats.update(statistics)
+    def _log_routing(self) -> None:
+        """Once per period, write the mean routing statistics (accumulated on device by the
+        box head's MoE block) to the EventStorage."""
         storage = get_event_storage()
         if (storage.iter + 1) % self.stats_period == 0:
-            storage.put_scalars(**self.routing_stats.summary(STATS_PREFIX), smoothing_hint=False)
+            storage.put_scalars(**collect_routing_statistics(self), smoothing_hint=False)
 
 
 def _check_box_head(box_head) -> None:
@@ -204,8 +202,7 @@ def _thing_supercategories(dataset_name: str) -> Optional[List[str]]:
     json_file = getattr(metadata, "json_file", None)
     if json_file is None:
         return None
-    with open(json_file) as f:
-        categories = sorted(json.load(f)["categories"], key=lambda c: c["id"])
-    if not all("supercategory" in c for c in categories):
+    try:
+        return read_coco_supercategories(json_file)
+    except ValueError:
         return None
-    return [c["supercategory"] for c in categories]

@@ -9,34 +9,12 @@ from mmdet.utils import ConfigType, OptConfigType
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from ..core import (MoEConfig, MoEConfigError, MoEMLP, Routing, check_contiguous_layers,
-                    upcycle_state_dict)
-from .losses import LoadBalancingLoss, RouterZLoss, RoutingLoss, SceneSupervisionLoss
-from .router import HierarchicalRouter
+from ..core import MoEBlock, MoEConfig, MoEConfigError, Routing, check_contiguous_layers
+from .moe_settings import (build_router, build_routing_losses, check_upcycle_noise,
+                           config_key_of, routing_losses)
 
 #: How errors name the head's settings (its place in a Faster R-CNN config).
 HEAD_KEY = 'roi_head.bbox_head'
-
-#: Head argument -> the routing-loss entry it must hold.
-LOSS_ENTRIES: Dict[str, type] = {
-    'loss_balance': LoadBalancingLoss,
-    'loss_router_z': RouterZLoss,
-    'loss_scene': SceneSupervisionLoss,
-}
-
-#: ``MoEConfig`` fields the head sets itself (not through ``router=``).
-HEAD_FIELDS = ('shared_expert', 'shared_expert_weight')
-
-
-def config_key(field: str) -> str:
-    """The config key of a ``MoEConfig`` field, e.g. ``roi_head.bbox_head.router.top_k``."""
-    for entry, loss_type in LOSS_ENTRIES.items():
-        for arg, core_field in loss_type.core_weights.items():
-            if core_field == field:
-                return f'{HEAD_KEY}.{entry}.{arg}'
-    if field in HEAD_FIELDS:
-        return f'{HEAD_KEY}.{field}'
-    return f'{HEAD_KEY}.router.{field}'
 
 
 @MODELS.register_module()
@@ -54,10 +32,11 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
     scene router sees the pooled image feature given by ``InstanceMoERoIHead``.
 
     Parameter names follow the dense head (``shared_fcs.<i>`` for the dense fc layers that
-    remain), ``moe`` holds the experts and ``router`` the hierarchical router. Loading a
-    dense checkpoint (``shared_fcs.<i>`` for every fc of the block, no expert keys) upcycles
+    remain); ``moe_block`` (a core ``MoEBlock``) holds the hierarchical router
+    (``moe_block.router``) and the experts (``moe_block.moe``). Loading a dense checkpoint (``shared_fcs.<i>`` for every fc of the block, no expert keys) upcycles
     it: every expert (and the shared expert) starts as the dense layers; the router keeps its
-    near-neutral init. ``upcycle_report`` lists the mapped keys.
+    near-neutral init. ``upcycle_report`` lists the mapped keys. Checkpoints written before
+    the block existed (``router.*``, ``moe.*`` keys) load unchanged.
 
     Args:
         moe_fc_layers: contiguous 0-based indices of the shared fc layers that become
@@ -99,42 +78,31 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
                 or expert_channels < 0:
             raise MoEConfigError(f'{HEAD_KEY}.expert_channels', expert_channels,
                                  'must be an integer >= 0')
-        if not upcycle_noise_std >= 0:
-            raise MoEConfigError(f'{HEAD_KEY}.upcycle_noise_std', upcycle_noise_std, 'must be >= 0')
         self.moe_fc_layers = layers
-        self.upcycle_noise_std = float(upcycle_noise_std)
+        self.upcycle_noise_std = check_upcycle_noise(f'{HEAD_KEY}.upcycle_noise_std',
+                                                     upcycle_noise_std)
         self.upcycle_report: List[str] = []
 
-        loss_cfgs = dict(loss_balance=loss_balance, loss_router_z=loss_router_z,
-                         loss_scene=loss_scene)
-        core_weights: Dict[str, float] = {}
-        for name, loss_type in LOSS_ENTRIES.items():
-            loss = _build_routing_loss(loss_cfgs[name], name, loss_type)
+        losses = build_routing_losses(HEAD_KEY, dict(
+            loss_balance=loss_balance, loss_router_z=loss_router_z, loss_scene=loss_scene))
+        for name, loss in losses.items():
             setattr(self, name, loss)
-            core_weights.update(loss.moe_config_weights() if loss else loss_type.disabled_weights())
 
         dense_fcs = list(self.shared_fcs)
         first, last = layers[0], layers[-1]
         block_in = dense_fcs[first].in_features
         hidden = [expert_channels or self.fc_out_channels] * (last - first)
-        head_settings = dict(core_weights, shared_expert=shared_expert,
-                             shared_expert_weight=shared_expert_weight)
         # Experts starting at the first fc layer would route on the flattened C*H*W RoI feature;
         # the (much cheaper) spatial mean of the RoI feature carries the same channels.
         self.route_on_pooled_roi = first == 0
         pooled_channels = self.conv_out_channels if self.num_shared_convs > 0 else self.in_channels
-        self.router: HierarchicalRouter = _build_router(
-            router, scene_dim=self.in_channels,
-            instance_dim=pooled_channels if self.route_on_pooled_roi else block_in,
-            head_settings=head_settings)
-        config = self.moe_config
-        self.moe = MoEMLP(
-            config.num_experts,
-            [block_in, *hidden, self.fc_out_channels],
-            shared_expert=config.shared_expert,
-            shared_expert_weight=config.shared_expert_weight,
-            num_experts_key=config_key('num_experts'),
-        )
+        router = build_router(
+            HEAD_KEY, router, losses,
+            dict(shared_expert=shared_expert, shared_expert_weight=shared_expert_weight),
+            scene_dim=self.in_channels,
+            instance_dim=pooled_channels if self.route_on_pooled_roi else block_in)
+        self.moe_block = MoEBlock(router, [block_in, *hidden, self.fc_out_channels],
+                                  activate_output=True)
         # The dense fc layers that stay keep their stock names (``shared_fcs.<i>``).
         self.shared_fcs = nn.ModuleDict(
             {str(i): fc for i, fc in enumerate(dense_fcs) if i not in layers})
@@ -144,7 +112,7 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
     @property
     def moe_config(self) -> MoEConfig:
         """The validated settings of router, experts and routing losses."""
-        return self.router.config
+        return self.moe_block.config
 
     @property
     def scene_supervised(self) -> bool:
@@ -154,13 +122,13 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
     def init_weights(self) -> None:
         """Stock init, and every expert initialised like the dense shared fcs (Xavier)."""
         super().init_weights()
-        experts = self.moe.experts
-        for weight, bias in zip(experts.weights, experts.biases):
+        moe = self.moe_block.moe
+        for weight, bias in zip(moe.experts.weights, moe.experts.biases):
             for expert_weight in weight.data:
                 nn.init.xavier_uniform_(expert_weight)
             nn.init.zeros_(bias)
-        if self.moe.shared is not None:
-            for layer in self.moe.shared.layers:
+        if moe.shared is not None:
+            for layer in moe.shared.layers:
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
@@ -191,9 +159,8 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
         x = x.flatten(1)
         for fc in self.fcs_before:
             x = self.relu(fc(x))
-        routing = self.router(scene_feats, x if router_input is None else router_input,
-                              image_index, scene_targets)
-        x = self.moe(x, routing.plan)
+        x, routing = self.moe_block(x, scene_feats, image_index, router_input=router_input,
+                                    scene_targets=scene_targets)
         for fc in self.fcs_after:
             x = self.relu(fc(x))
 
@@ -209,17 +176,15 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
 
     def routing_losses(self, routing: Routing) -> Dict[str, Tensor]:
         """The weighted auxiliary losses (``loss_moe_*``) of a training ``Routing``."""
-        losses: Dict[str, Tensor] = {}
-        for name in LOSS_ENTRIES:
-            loss = getattr(self, name)
-            if loss is not None:
-                losses.update(loss(routing))
-        return losses
+        entries = {name: getattr(self, name) for name in ('loss_balance', 'loss_router_z',
+                                                           'loss_scene')}
+        return routing_losses(entries, [routing])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        dense_names = [f'shared_fcs.{i}' for i in self.moe_fc_layers]
-        report = upcycle_state_dict(
-            state_dict, prefix, dense_names, 'moe', self.moe, self.upcycle_noise_std)
+        MoEBlock.adopt_flat_keys(state_dict, prefix, 'moe_block')
+        dense = [f'{prefix}shared_fcs.{i}' for i in self.moe_fc_layers]
+        report = self.moe_block.upcycle(state_dict, prefix + 'moe_block.', dense,
+                                        noise_std=self.upcycle_noise_std)
         if report:
             self.upcycle_report = report
             print_log('HI-MoE: upcycled the dense bbox head into experts:\n  '
@@ -247,26 +212,3 @@ class MoEShared2FCBBoxHead(MoEConvFCBBoxHead):
             fc_out_channels=fc_out_channels,
             **kwargs)
 
-
-def _build_routing_loss(cfg: OptConfigType, name: str, loss_type: type) -> Optional[RoutingLoss]:
-    if cfg is None:
-        return None
-    loss = MODELS.build(cfg)
-    if not isinstance(loss, loss_type):
-        raise MoEConfigError(f'{HEAD_KEY}.{name}.type', cfg.get('type'),
-                             f'must be a {loss_type.__name__} (or None to disable it)')
-    return loss
-
-
-def _build_router(cfg: ConfigType, scene_dim: int, instance_dim: int,
-                  head_settings: Dict[str, object]) -> HierarchicalRouter:
-    for field in head_settings:
-        if field in cfg:
-            raise MoEConfigError(f'{HEAD_KEY}.router.{field}', cfg[field],
-                                 f'set it as {config_key(field)} instead')
-    router = MODELS.build(cfg, default_args=dict(
-        scene_dim=scene_dim, instance_dim=instance_dim, key_of=config_key, **head_settings))
-    if not isinstance(router, HierarchicalRouter):
-        raise MoEConfigError(f'{HEAD_KEY}.router.type', cfg.get('type'),
-                             'must be a HierarchicalRouter')
-    return router

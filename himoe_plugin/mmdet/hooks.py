@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import List, Sequence
 
 from mmdet.registry import HOOKS
-from mmengine.fileio import load
+from mmengine.fileio import get_local_path
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
-from ..core import MoEConfigError, groups_of_supercategories
+from ..core import MoEConfigError, groups_of_supercategories, read_coco_supercategories
 from .roi_head import InstanceMoERoIHead
 
 
@@ -54,10 +54,9 @@ def supercategory_groups(ann_file: str, cat_ids: Sequence[int], num_groups: int)
     """Group of every class (label order ``cat_ids``): the index of its supercategory among
     the sorted supercategories of these classes. Raises ``MoEConfigError`` naming
     ``num_groups`` unless there are exactly ``num_groups`` supercategories."""
-    categories = {c['id']: c for c in load(ann_file)['categories']}
-    missing = [categories[i]['name'] for i in cat_ids if 'supercategory' not in categories[i]]
-    if missing:
-        raise MoEConfigError('roi_head.bbox_head.loss_scene', ann_file,
-                             f'categories without a supercategory: {missing}')
-    supercategories = [categories[i]['supercategory'] for i in cat_ids]
+    try:
+        with get_local_path(ann_file) as local_file:
+            supercategories = read_coco_supercategories(local_file, cat_ids)
+    except ValueError as err:
+        raise MoEConfigError('roi_head.bbox_head.loss_scene', ann_file, str(err)) from None
     return groups_of_supercategories(supercategories, num_groups, 'roi_head.bbox_head.router.num_groups')

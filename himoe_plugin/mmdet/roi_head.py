@@ -14,11 +14,9 @@ from mmdet.utils import InstanceList
 from mmengine.logging import MessageHub
 from torch import Tensor
 
-from ..core import MoEConfigError, RoutingStatsMeter, masked_mean_pool, scene_targets_from_labels
+from ..core import (MoEConfigError, collect_routing_statistics, masked_mean_pool,
+                    scene_targets_from_labels)
 from .bbox_head import MoEConvFCBBoxHead
-
-#: Message-hub prefix of the routing statistics (``train/himoe/expert_load/0``, ...).
-STATS_PREFIX = 'himoe/'
 
 
 @dataclass
@@ -79,7 +77,6 @@ class InstanceMoERoIHead(StandardRoIHead):
             raise MoEConfigError('roi_head.stats_period', stats_period, 'must be an integer >= 1')
         self.scene_featmap_strides = [int(s) for s in strides]
         self.stats_period = stats_period
-        self.routing_stats = RoutingStatsMeter()
         self._scene_inputs: Optional[SceneInputs] = None
         if self.bbox_head.scene_supervised:
             self.register_buffer(
@@ -156,7 +153,7 @@ class InstanceMoERoIHead(StandardRoIHead):
         bbox_results = super().bbox_loss(x, sampling_results)
         routing = bbox_results['routing']
         bbox_results['loss_bbox'].update(self.bbox_head.routing_losses(routing))
-        self._log_routing(routing.statistics)
+        self._log_routing()
         return bbox_results
 
     @contextmanager
@@ -190,13 +187,12 @@ class InstanceMoERoIHead(StandardRoIHead):
         return scene_targets_from_labels(
             labels, self.class_to_group, self.bbox_head.moe_config.groups)
 
-    def _log_routing(self, statistics: Dict[str, Tensor]) -> None:
-        """Accumulate on device; every ``stats_period`` iterations write the means (one host
-        sync) to the message hub."""
-        self.routing_stats.update(statistics)
+    def _log_routing(self) -> None:
+        """Every ``stats_period`` iterations write the mean statistics (accumulated on device
+        by the bbox head's MoE block; one host sync) to the message hub."""
         message_hub = MessageHub.get_current_instance()
         iteration = message_hub.get_info('iter')
-        step = iteration + 1 if iteration is not None else self.routing_stats.steps
+        step = iteration + 1 if iteration is not None else self.bbox_head.moe_block.statistics.steps
         if step % self.stats_period == 0:
-            for name, value in self.routing_stats.summary(STATS_PREFIX).items():
+            for name, value in collect_routing_statistics(self).items():
                 message_hub.update_scalar(f'train/{name}', value)

@@ -19,8 +19,8 @@ class HierarchicalRouter(CoreHierarchicalRouter):
                     num_groups=4, scene_top_k=2)
 
     Every keyword is a field of ``himoe_plugin.core.MoEConfig`` and is validated there; the
-    owning head supplies ``scene_dim``, ``instance_dim``, the loss weights (from its loss
-    entries) and the shared-expert fields.
+    owner (bbox head, DETR ``moe`` entry) supplies ``scene_dim``, ``instance_dim``, the loss
+    weights (from its loss entries) and the shared-expert fields.
 
     Args:
         scene_dim: channels C_s of the scene features (B, C_s).
@@ -32,4 +32,4 @@ class HierarchicalRouter(CoreHierarchicalRouter):
     def __init__(self, scene_dim: int, instance_dim: int,
                  key_of: Callable[[str], str] = str, **settings: Any) -> None:
         config = MoEConfig.from_mapping(settings, key_of=key_of)
-        super().__init__(config, scene_dim=scene_dim, instance_dim=instance_dim)
+        super().__init__(config, scene_dim=scene_dim, instance_dim=instance_dim, key_of=key_of)

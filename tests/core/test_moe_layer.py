@@ -48,7 +48,7 @@ def test_identical_experts_equal_dense_mlp():
     moe = MoEMLP(8, [16, 32, 8], shared_expert=True, shared_expert_weight=0.3)
     state = {f"fc{i}.{name}": getattr(layer, name).detach() for i, layer in enumerate(dense.layers)
              for name in ("weight", "bias")}
-    assert len(upcycle_state_dict(state, "", ["fc0", "fc1"], "moe", moe)) == 6  # 2 layers x (w, b, shared)
+    assert len(upcycle_state_dict(state, ["fc0", "fc1"], "moe.", moe)) == 4  # 2 layers x (experts, shared)
     moe.load_state_dict({key.removeprefix("moe."): value for key, value in state.items()})
     routing = router(scene, x, image_index)
     # Routing is non-trivial: several experts are used, and weights are not all equal.

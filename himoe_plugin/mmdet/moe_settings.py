@@ -1,0 +1,101 @@
+"""MMDetection config entries -> a core ``MoEBlock``: the router entry, the routing-loss entries
+and the owner's own settings, with errors that name the config key the user wrote."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+from mmdet.registry import MODELS
+from mmdet.utils import ConfigType, OptConfigType
+from torch import Tensor
+
+from ..core import MoEConfigError, Routing
+from .losses import LoadBalancingLoss, RouterZLoss, RoutingLoss, SceneSupervisionLoss
+from .router import HierarchicalRouter
+
+#: Owner argument -> the routing-loss entry type it must hold.
+LOSS_ENTRIES: Dict[str, type] = {
+    'loss_balance': LoadBalancingLoss,
+    'loss_router_z': RouterZLoss,
+    'loss_scene': SceneSupervisionLoss,
+}
+
+#: ``MoEConfig`` fields the owner (bbox head, DETR ``moe`` entry) sets itself, not ``router=``.
+OWNER_FIELDS = ('shared_expert', 'shared_expert_weight')
+
+
+def config_key_of(owner_key: str) -> Callable[[str], str]:
+    """``MoEConfig`` field -> the config key that sets it under ``owner_key``, e.g.
+    ``roi_head.bbox_head.router.top_k`` or ``roi_head.bbox_head.loss_balance.loss_weight``."""
+
+    def key_of(field: str) -> str:
+        for entry, loss_type in LOSS_ENTRIES.items():
+            for arg, core_field in loss_type.core_weights.items():
+                if core_field == field:
+                    return f'{owner_key}.{entry}.{arg}'
+        if field in OWNER_FIELDS:
+            return f'{owner_key}.{field}'
+        return f'{owner_key}.router.{field}'
+
+    return key_of
+
+
+def build_routing_losses(owner_key: str, loss_cfgs: Mapping[str, OptConfigType]
+                         ) -> Dict[str, Optional[RoutingLoss]]:
+    """Build the routing-loss entries (None: disabled); errors name ``<owner_key>.<entry>``."""
+    losses: Dict[str, Optional[RoutingLoss]] = {}
+    for name, loss_type in LOSS_ENTRIES.items():
+        cfg = loss_cfgs.get(name)
+        if cfg is None:
+            losses[name] = None
+            continue
+        loss = MODELS.build(cfg)
+        if not isinstance(loss, loss_type):
+            raise MoEConfigError(f'{owner_key}.{name}.type', cfg.get('type'),
+                                 f'must be a {loss_type.__name__} (or None to disable it)')
+        losses[name] = loss
+    return losses
+
+
+def build_router(owner_key: str, router_cfg: ConfigType,
+                 losses: Mapping[str, Optional[RoutingLoss]], owner_settings: Mapping[str, object],
+                 scene_dim: int, instance_dim: int) -> HierarchicalRouter:
+    """The ``HierarchicalRouter`` of ``router_cfg``, with the loss weights of ``losses`` and the
+    owner's ``shared_expert*`` settings; errors name the config key."""
+    key_of = config_key_of(owner_key)
+    settings = dict(owner_settings)
+    for name, loss_type in LOSS_ENTRIES.items():
+        loss = losses[name]
+        settings.update(loss.moe_config_weights() if loss else loss_type.disabled_weights())
+    for field in settings:
+        if field in router_cfg:
+            raise MoEConfigError(f'{owner_key}.router.{field}', router_cfg[field],
+                                 f'set it as {key_of(field)} instead')
+    router = MODELS.build(router_cfg, default_args=dict(
+        scene_dim=scene_dim, instance_dim=instance_dim, key_of=key_of, **settings))
+    if not isinstance(router, HierarchicalRouter):
+        raise MoEConfigError(f'{owner_key}.router.type', router_cfg.get('type'),
+                             'must be a HierarchicalRouter')
+    return router
+
+
+def check_upcycle_noise(key: str, noise_std: float) -> float:
+    """``noise_std`` as a finite float >= 0, else ``MoEConfigError`` naming ``key``."""
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) \
+            or not noise_std >= 0 or noise_std == float('inf'):
+        raise MoEConfigError(key, noise_std, 'must be a finite number >= 0')
+    return float(noise_std)
+
+
+def routing_losses(losses: Mapping[str, Optional[RoutingLoss]],
+                   routings: Sequence[Routing]) -> Dict[str, Tensor]:
+    """The weighted ``loss_moe_*`` terms of training ``routings`` (one per MoE block), each the
+    mean over the blocks, so a weight means the same for one block or many."""
+    totals: Dict[str, Tensor] = {}
+    for loss in losses.values():
+        if loss is None:
+            continue
+        for routing in routings:
+            for name, value in loss(routing).items():
+                totals[name] = totals[name] + value if name in totals else value
+    return {name: value / len(routings) for name, value in totals.items()}
+
