@@ -46,6 +46,7 @@ class MoEBlock(nn.Module):
         stats_scope: name of this block in logged statistics (``himoe/<scope>/...``); empty:
             the block's module path when a model has several blocks.
         shared_dims: widths of the shared expert, if any (default: ``dims``).
+        hidden_dropout: dropout after the experts' hidden activations (training only).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class MoEBlock(nn.Module):
         activate_output: bool = True,
         stats_scope: str = "",
         shared_dims: Optional[Sequence[int]] = None,
+        hidden_dropout: float = 0.0,
     ):
         super().__init__()
         config = router.config
@@ -67,6 +69,7 @@ class MoEBlock(nn.Module):
             activate_output=activate_output,
             num_experts_key=router.key_of("num_experts"),
             shared_dims=shared_dims,
+            hidden_dropout=hidden_dropout,
         )
         self.stats_scope = stats_scope
         self.statistics = RoutingStatsMeter()

@@ -16,20 +16,28 @@ class StackedMLPExperts(nn.Module):
     """E independent MLPs ``dims[0] -> dims[1] -> ... -> dims[-1]``.
 
     ReLU follows every hidden layer, and the output layer too when ``activate_output`` (the
-    fc layers of a box head) but not otherwise (a transformer FFN).
+    fc layers of a box head) but not otherwise (a transformer FFN). ``hidden_dropout`` is
+    applied (in training) after every hidden activation, as in a transformer FFN.
 
     Layer ``l`` of all experts is one parameter ``weight_l`` of shape (E, dims[l+1], dims[l])
     (nn.Linear layout per expert) and ``bias_l`` of shape (E, dims[l+1]). One parameter per
     layer means a data-parallel wrapper sees every expert as used as soon as any one is.
     """
 
-    def __init__(self, num_experts: int, dims: Sequence[int], activate_output: bool = True):
+    def __init__(
+        self,
+        num_experts: int,
+        dims: Sequence[int],
+        activate_output: bool = True,
+        hidden_dropout: float = 0.0,
+    ):
         super().__init__()
         if len(dims) < 2:
             raise ValueError(f"an expert needs at least input and output dims, got dims={list(dims)}")
         self.num_experts = num_experts
         self.dims = tuple(int(d) for d in dims)
         self.activate_output = activate_output
+        self.hidden_dropout = hidden_dropout
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, d_out, d_in))
             for d_in, d_out in zip(self.dims[:-1], self.dims[1:])
@@ -64,6 +72,8 @@ class StackedMLPExperts(nn.Module):
             h = grouped_linear(h, weight, bias, plan.rows_per_expert)
             if i < last or self.activate_output:
                 h = F.relu(h)
+            if i < last and self.hidden_dropout > 0:
+                h = F.dropout(h, self.hidden_dropout, self.training)
         weighted = h * plan.combine_weight.unsqueeze(1).to(h.dtype)
         # Un-sort into the (N, k) grid (dropped assignments stay 0) and sum over k: a copy and a
         # reduction, much cheaper than a scatter-add on CPU.
@@ -76,16 +86,23 @@ class StackedMLPExperts(nn.Module):
 class DenseMLP(nn.Module):
     """One always-on MLP (the shared expert), same layout as one of ``StackedMLPExperts``."""
 
-    def __init__(self, dims: Sequence[int], activate_output: bool = True):
+    def __init__(self, dims: Sequence[int], activate_output: bool = True, hidden_dropout: float = 0.0):
         super().__init__()
         self.dims = tuple(int(d) for d in dims)
         self.activate_output = activate_output
+        self.hidden_dropout = hidden_dropout
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(self.dims[:-1], self.dims[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, dims[0]) -> (N, dims[-1])."""
-        return _mlp(x, [(layer.weight, layer.bias) for layer in self.layers], self.activate_output)
-
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last or self.activate_output:
+                x = F.relu(x)
+            if i < last and self.hidden_dropout > 0:
+                x = F.dropout(x, self.hidden_dropout, self.training)
+        return x
 
 
 class MoEMLP(nn.Module):
@@ -107,12 +124,13 @@ class MoEMLP(nn.Module):
         activate_output: bool = True,
         num_experts_key: str = "num_experts",
         shared_dims: Optional[Sequence[int]] = None,
+        hidden_dropout: float = 0.0,
     ):
         super().__init__()
-        self.experts = StackedMLPExperts(num_experts, dims, activate_output)
+        self.experts = StackedMLPExperts(num_experts, dims, activate_output, hidden_dropout)
         self.shared: Optional[DenseMLP] = None
         if shared_expert:
-            self.shared = DenseMLP(shared_dims or dims, activate_output)
+            self.shared = DenseMLP(shared_dims or dims, activate_output, hidden_dropout)
         self.shared_expert_weight = shared_expert_weight
         self.num_experts_key = num_experts_key
         # Saved with checkpoints so that loading one with another expert count fails clearly
@@ -145,13 +163,3 @@ class MoEMLP(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-
-def _mlp(
-    x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], activate_output: bool
-) -> torch.Tensor:
-    last = len(layers) - 1
-    for i, (weight, bias) in enumerate(layers):
-        x = F.linear(x, weight, bias)
-        if i < last or activate_output:
-            x = F.relu(x)
-    return x

@@ -7,6 +7,7 @@ from detectron2.config import LazyCall as L
 
 from ..core import MoEConfig
 from .box_head import MoEConvFCBoxHead
+from .config import check_head_settings
 from .roi_heads import InstanceMoEROIHead, supercategory_groups
 
 
@@ -30,6 +31,10 @@ def use_himoe_roi_heads(
     datasets whose category supercategories define the expert group of every class.
     """
     moe_config = MoEConfig.from_mapping(moe_settings)
+    check_head_settings(
+        dict(expert_dim=expert_dim, upcycle_noise_std=upcycle_noise_std, stats_period=stats_period),
+        key_of=str,
+    )
     if moe_config.scene_supervision_weight > 0 and not supervision_datasets:
         raise ValueError(
             "scene_supervision_weight > 0 needs supervision_datasets=[...], the training datasets "

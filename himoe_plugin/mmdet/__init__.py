@@ -17,6 +17,7 @@ except ImportError as err:  # pragma: no cover - exercised only without MMDetect
 
 from .bbox_head import MoEConvFCBBoxHead, MoEShared2FCBBoxHead
 from .checkpoint import allow_mmengine_checkpoint_globals
+from .detr import HIMoEDETR, HIMoEDINO, HIMoEDeformableDETR, MoEFFN
 from .hooks import SceneSupervisionHook, supercategory_groups
 from .losses import LoadBalancingLoss, RouterZLoss, RoutingLoss, SceneSupervisionLoss
 from .roi_head import InstanceMoERoIHead
@@ -25,10 +26,14 @@ from .router import HierarchicalRouter
 allow_mmengine_checkpoint_globals()
 
 __all__ = [
+    'HIMoEDETR',
+    'HIMoEDINO',
+    'HIMoEDeformableDETR',
     'HierarchicalRouter',
     'InstanceMoERoIHead',
     'LoadBalancingLoss',
     'MoEConvFCBBoxHead',
+    'MoEFFN',
     'MoEShared2FCBBoxHead',
     'RouterZLoss',
     'RoutingLoss',

@@ -6,9 +6,10 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, OptConfigType
-from torch import Tensor
+from mmengine.logging import MessageHub
+from torch import Tensor, nn
 
-from ..core import MoEConfigError, Routing
+from ..core import MoEBlock, MoEConfigError, Routing, collect_routing_statistics
 from .losses import LoadBalancingLoss, RouterZLoss, RoutingLoss, SceneSupervisionLoss
 from .router import HierarchicalRouter
 
@@ -99,3 +100,19 @@ def routing_losses(losses: Mapping[str, Optional[RoutingLoss]],
                 totals[name] = totals[name] + value if name in totals else value
     return {name: value / len(routings) for name, value in totals.items()}
 
+
+
+def log_routing_statistics(model: nn.Module, stats_period: int) -> None:
+    """Every ``stats_period`` training iterations, write the mean routing statistics of the MoE
+    blocks in ``model`` (accumulated on device; one host sync per block) to the message hub
+    as ``train/himoe/...``, where the ``LogProcessor`` picks them up."""
+    message_hub = MessageHub.get_current_instance()
+    iteration = message_hub.get_info('iter')
+    if iteration is None:  # outside a runner: count the blocks' own training steps
+        steps = [m.statistics.steps for m in model.modules() if isinstance(m, MoEBlock)]
+        step = max(steps, default=0)
+    else:
+        step = iteration + 1
+    if step % stats_period == 0:
+        for name, value in collect_routing_statistics(model).items():
+            message_hub.update_scalar(f'train/{name}', value)

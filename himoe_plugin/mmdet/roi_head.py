@@ -11,12 +11,11 @@ from mmdet.models.task_modules.samplers import SamplingResult
 from mmdet.registry import MODELS
 from mmdet.structures import SampleList
 from mmdet.utils import InstanceList
-from mmengine.logging import MessageHub
 from torch import Tensor
 
-from ..core import (MoEConfigError, collect_routing_statistics, masked_mean_pool,
-                    scene_targets_from_labels)
+from ..core import MoEConfigError, masked_mean_pool, scene_targets_from_labels
 from .bbox_head import MoEConvFCBBoxHead
+from .moe_settings import log_routing_statistics
 
 
 @dataclass
@@ -153,7 +152,7 @@ class InstanceMoERoIHead(StandardRoIHead):
         bbox_results = super().bbox_loss(x, sampling_results)
         routing = bbox_results['routing']
         bbox_results['loss_bbox'].update(self.bbox_head.routing_losses(routing))
-        self._log_routing()
+        log_routing_statistics(self, self.stats_period)
         return bbox_results
 
     @contextmanager
@@ -187,12 +186,3 @@ class InstanceMoERoIHead(StandardRoIHead):
         return scene_targets_from_labels(
             labels, self.class_to_group, self.bbox_head.moe_config.groups)
 
-    def _log_routing(self) -> None:
-        """Every ``stats_period`` iterations write the mean statistics (accumulated on device
-        by the bbox head's MoE block; one host sync) to the message hub."""
-        message_hub = MessageHub.get_current_instance()
-        iteration = message_hub.get_info('iter')
-        step = iteration + 1 if iteration is not None else self.bbox_head.moe_block.statistics.steps
-        if step % self.stats_period == 0:
-            for name, value in collect_routing_statistics(self).items():
-                message_hub.update_scalar(f'train/{name}', value)

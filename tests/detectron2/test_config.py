@@ -80,6 +80,9 @@ def get_himoe_cfg_from(path):
         (["MODEL.HIMOE.MOE_FC_LAYERS", "[0, 2]"], r"MODEL\.HIMOE\.MOE_FC_LAYERS=\[0, 2\]: must be increasing"),
         (["MODEL.HIMOE.MOE_FC_LAYERS", "[2]"], r"MODEL\.HIMOE\.MOE_FC_LAYERS=\[2\]: the box head has fc layers 0\.\.1"),
         (["MODEL.HIMOE.SCENE_IN_FEATURES", "['p9']"], r"MODEL\.HIMOE\.SCENE_IN_FEATURES=\['p9'\]: no feature map 'p9'"),
+        (["MODEL.HIMOE.UPCYCLE_NOISE_STD", "-0.1"], r"MODEL\.HIMOE\.UPCYCLE_NOISE_STD=-0\.1: must be a finite"),
+        (["MODEL.HIMOE.EXPERT_DIM", "-1"], r"MODEL\.HIMOE\.EXPERT_DIM=-1: must be an integer >= 0"),
+        (["MODEL.HIMOE.STATS_PERIOD", "0"], r"MODEL\.HIMOE\.STATS_PERIOD=0: must be an integer >= 1"),
         (["MODEL.HIMOE.SCENE_SUPERVISION_WEIGHT", "0.1"],
          r"MODEL\.HIMOE\.NUM_GROUPS=4: super-class supervision needs one expert group per supercategory: "
          r"the data has 3 \(bird, fish-like, invertebrate\)"),
@@ -88,6 +91,14 @@ def get_himoe_cfg_from(path):
 def test_invalid_himoe_values_fail_naming_the_key(registered, tmp_path, opts, message):
     cfg = small_cfg(tmp_path, extra=opts)
     with pytest.raises(MoEConfigError, match=message):
+        build_model(cfg)
+
+
+def test_nan_in_a_yaml_file_fails_naming_the_key(registered, tmp_path):
+    yaml = tmp_path / "nan.yaml"
+    yaml.write_text(f'_BASE_: "{HIMOE_YAML}"\nMODEL:\n  HIMOE:\n    UPCYCLE_NOISE_STD: .nan\n')
+    cfg = small_cfg(tmp_path, yaml=yaml)
+    with pytest.raises(MoEConfigError, match=r"MODEL\.HIMOE\.UPCYCLE_NOISE_STD=nan: must be a finite"):
         build_model(cfg)
 
 
@@ -135,4 +146,28 @@ def test_scene_supervision_without_class_groups_fails_instead_of_doing_nothing(r
                                 **settings)
     del model.roi_heads.class_to_group  # as a hand-written LazyConfig would leave it
     with pytest.raises(MoEConfigError, match="SCENE_SUPERVISION_WEIGHT=0.5: super-class supervision needs class_to_group"):
+        instantiate(model.roi_heads)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(stats_period=0), r"^stats_period=0: must be an integer >= 1"),
+        (dict(expert_dim=-1), r"^expert_dim=-1: must be an integer >= 0"),
+        (dict(upcycle_noise_std=float("nan")), r"^upcycle_noise_std=nan: must be a finite number >= 0"),
+        (dict(upcycle_noise_std=-0.5), r"^upcycle_noise_std=-0\.5: must be a finite number >= 0"),
+    ],
+)
+def test_lazyconfig_head_settings_fail_naming_the_setting(settings, message):
+    """At config time (use_himoe_roi_heads), and again if a LazyConfig is edited afterwards
+    (instantiate builds the heads, whose constructors check the same settings)."""
+    from himoe_plugin.detectron2.lazy import use_himoe_roi_heads
+
+    with pytest.raises(MoEConfigError, match=message):
+        use_himoe_roi_heads(_stock_aquarium_lazy_model(), **settings)
+    model = use_himoe_roi_heads(_stock_aquarium_lazy_model())
+    for name, value in settings.items():
+        node = model.roi_heads if name == "stats_period" else model.roi_heads.box_head
+        setattr(node, name, value)
+    with pytest.raises(MoEConfigError, match=message):
         instantiate(model.roi_heads)

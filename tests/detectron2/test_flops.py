@@ -16,7 +16,7 @@ def box_head_macs(cfg, image):
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     by_module = analysis.by_module()
-    return {name: by_module[f"model.roi_heads.box_head{name}"] for name in ("", ".moe", ".router")
+    return {name: by_module[f"model.roi_heads.box_head{name}"] for name in ("", ".moe_block.moe", ".moe_block.router")
             if f"model.roi_heads.box_head{name}" in by_module}
 
 
@@ -32,7 +32,7 @@ def test_counted_box_head_compute_grows_with_top_k_only(registered, tmp_path, to
             "MODEL.HIMOE.NUM_GROUPS", str(groups), "MODEL.HIMOE.SCENE_TOP_K", "2",
         ]), image)
         # Experts: exactly k dense heads per RoI, whatever the number of experts ...
-        assert macs[".moe"] == top_k * dense_macs
+        assert macs[".moe_block.moe"] == top_k * dense_macs
         # ... and the routers add well under 1% (the instance router sees the pooled RoI).
-        assert macs[""] == macs[".moe"] + macs[".router"]
-        assert 0 < macs[".router"] < 0.01 * dense_macs
+        assert macs[""] == macs[".moe_block.moe"] + macs[".moe_block.router"]
+        assert 0 < macs[".moe_block.router"] < 0.01 * dense_macs

@@ -68,7 +68,7 @@ def test_inference_with_an_image_without_proposals(model):
 
 def capture_routing(heads):
     captured = []
-    handle = heads.box_head.router.register_forward_hook(lambda m, i, o: captured.append((i, o)))
+    handle = heads.box_head.moe_block.router.register_forward_hook(lambda m, i, o: captured.append((i, o)))
     return captured, handle
 
 
@@ -119,4 +119,4 @@ def test_scene_router_supervised_by_supercategories(registered, tmp_path):
     expected = -(2 / 3 * scene_probs[0, 0].log() + 1 / 3 * scene_probs[0, 2].log())
     torch.testing.assert_close(losses[LOSS_SCENE_SUPERVISION], 0.5 * expected)
     losses[LOSS_SCENE_SUPERVISION].backward()
-    assert heads.box_head.router.scene_router.weight.grad.abs().sum() > 0
+    assert heads.box_head.moe_block.router.scene_router.weight.grad.abs().sum() > 0

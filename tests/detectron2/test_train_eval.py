@@ -98,13 +98,13 @@ def test_resume_restores_iteration_optimizer_and_router(trained, tmp_path):
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 2
     model_state = trainer.model.state_dict()
-    for key in ("roi_heads.box_head.router.instance_router.weight",
-                "roi_heads.box_head.router.scene_router.weight",
-                "roi_heads.box_head.moe.experts.weights.0"):
+    for key in ("roi_heads.box_head.moe_block.router.instance_router.weight",
+                "roi_heads.box_head.moe_block.router.scene_router.weight",
+                "roi_heads.box_head.moe_block.moe.experts.weights.0"):
         assert torch.equal(model_state[key], saved["model"][key]), key
     # Training moved on after iteration 1, so matching it means resume restored that state.
     final = torch.load(trained["output_dir"] / "model_final.pth", map_location="cpu")["model"]
-    key = "roi_heads.box_head.router.instance_router.weight"
+    key = "roi_heads.box_head.moe_block.router.instance_router.weight"
     assert not torch.equal(final[key], saved["model"][key])
     optimizer_state = trainer.optimizer.state_dict()["state"]
     saved_optimizer = saved["trainer"]["_trainer"]["optimizer"]["state"]

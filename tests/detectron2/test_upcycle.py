@@ -6,6 +6,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import build_model
 
+from himoe_plugin.core import MoEConfigError
+
 
 @pytest.fixture(scope="module")
 def dense_checkpoint(registered, tmp_path_factory):
@@ -57,13 +59,15 @@ def test_upcycled_model_equals_the_dense_model_at_init(dense_checkpoint, tmp_pat
     himoe = load_himoe(tmp_path, checkpoint, ["MODEL.HIMOE.SHARED_EXPERT", str(shared_expert)])
     head = himoe.roi_heads.box_head
     expected = [
-        "roi_heads.box_head.fc1.weight -> roi_heads.box_head.moe.experts.weights.0 (x8 experts)",
-        "roi_heads.box_head.fc2.bias -> roi_heads.box_head.moe.experts.biases.1 (x8 experts)",
+        "roi_heads.box_head.fc1.weight, roi_heads.box_head.fc1.bias -> "
+        "roi_heads.box_head.moe_block.moe.experts.*.0 (8 copies)",
+        "roi_heads.box_head.fc2.weight, roi_heads.box_head.fc2.bias -> "
+        "roi_heads.box_head.moe_block.moe.experts.*.1 (8 copies)",
     ]
     assert all(line in head.upcycle_report for line in expected), head.upcycle_report
     assert any("shared expert" in line for line in head.upcycle_report) == shared_expert
     for e in range(8):
-        assert torch.equal(head.moe.experts.weights[0][e], dense.roi_heads.box_head.fc1.weight)
+        assert torch.equal(head.moe_block.moe.experts.weights[0][e], dense.roi_heads.box_head.fc1.weight)
     # Everything else (backbone, RPN, predictor) loaded as is.
     dense_state, himoe_state = dense.state_dict(), himoe.state_dict()
     for key in ("backbone.bottom_up.stem.conv1.weight", "roi_heads.box_predictor.cls_score.weight"):
@@ -85,7 +89,7 @@ def test_upcycled_model_equals_the_dense_model_at_init(dense_checkpoint, tmp_pat
 def test_upcycling_noise_makes_experts_differ(dense_checkpoint, tmp_path):
     dense, checkpoint = dense_checkpoint
     head = load_himoe(tmp_path, checkpoint, ["MODEL.HIMOE.UPCYCLE_NOISE_STD", "0.05"]).roi_heads.box_head
-    weights = head.moe.experts.weights[0]
+    weights = head.moe_block.moe.experts.weights[0]
     dense_w = dense.roi_heads.box_head.fc1.weight
     assert not torch.equal(weights[0], weights[1])
     relative = (weights - dense_w).std() / dense_w.std()
@@ -94,18 +98,29 @@ def test_upcycling_noise_makes_experts_differ(dense_checkpoint, tmp_path):
 
 def test_upcycling_into_a_different_expert_width_fails_clearly(dense_checkpoint, tmp_path):
     _, checkpoint = dense_checkpoint
-    with pytest.raises(ValueError, match="cannot upcycle 'roi_heads.box_head.' from the dense checkpoint"):
+    with pytest.raises(ValueError, match="cannot upcycle 'roi_heads.box_head.moe_block.moe' from the dense checkpoint"):
         load_himoe(tmp_path, checkpoint, ["MODEL.HIMOE.EXPERT_DIM", "512"])
 
 
 def test_checkpoint_with_another_number_of_experts_fails_clearly(registered, tmp_path):
     eight = build_model(small_cfg(tmp_path))
     DetectionCheckpointer(eight, str(tmp_path)).save("himoe_e8")
-    four = build_model(small_cfg(tmp_path, extra=["MODEL.HIMOE.NUM_EXPERTS", "4", "MODEL.HIMOE.NUM_GROUPS", "2",
-                                                  "MODEL.HIMOE.SCENE_TOP_K", "1"]))
+    four = build_model(small_cfg(tmp_path, extra=["MODEL.HIMOE.NUM_EXPERTS", "4"]))
     with pytest.raises(ValueError, match=r"MODEL\.HIMOE\.NUM_EXPERTS: the checkpoint has 8 experts at "
-                                         r"'roi_heads\.box_head\.moe' but the model is built with 4"):
+                                         r"'roi_heads\.box_head\.moe_block\.moe' but the model is built with 4"):
         DetectionCheckpointer(four).load(str(tmp_path / "himoe_e8.pth"))
+
+
+def test_checkpoint_with_another_number_of_groups_fails_clearly(registered, tmp_path):
+    """Same expert count, other scene groups: fvcore would skip the shape-mismatched scene
+    router with a warning and train a re-initialised router; the guard names the key."""
+    four_groups = build_model(small_cfg(tmp_path))
+    DetectionCheckpointer(four_groups, str(tmp_path)).save("himoe_g4")
+    two_groups = build_model(small_cfg(tmp_path, extra=["MODEL.HIMOE.NUM_GROUPS", "2",
+                                                        "MODEL.HIMOE.SCENE_TOP_K", "1"]))
+    with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.NUM_GROUPS=2: the checkpoint's router at "
+                                             r"'roi_heads\.box_head\.moe_block\.router' chooses among 4"):
+        DetectionCheckpointer(two_groups).load(str(tmp_path / "himoe_g4.pth"))
 
 
 def test_himoe_checkpoint_round_trip_is_not_upcycled(registered, tmp_path):

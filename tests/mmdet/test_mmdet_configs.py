@@ -43,7 +43,7 @@ def test_coco_config_is_the_stock_one_with_the_roi_head_swapped():
     model = MODELS.build(himoe.model)
     head = model.roi_head.bbox_head
     assert type(model.roi_head).__name__ == 'InstanceMoERoIHead'
-    assert head.moe.experts.weights[0].shape == (8, 1024, 256 * 7 * 7)
+    assert head.moe_block.moe.experts.weights[0].shape == (8, 1024, 256 * 7 * 7)
     assert head.moe_config.num_experts == 8 and head.moe_config.top_k == 2
 
 

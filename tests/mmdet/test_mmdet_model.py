@@ -23,8 +23,9 @@ from himoe_plugin.core import MoEConfigError
 from himoe_plugin.mmdet import SceneSupervisionHook, supercategory_groups
 from himoe_plugin.mmdet.checkpoint import history_buffer_method
 
-EXPERT_PARAMS = ('moe.experts.weights.0', 'moe.experts.weights.1', 'moe.experts.biases.0',
-                 'moe.experts.biases.1')
+EXPERT_PARAMS = ('moe_block.moe.experts.weights.0', 'moe_block.moe.experts.weights.1',
+                 'moe_block.moe.experts.biases.0',
+                 'moe_block.moe.experts.biases.1')
 SCENE_SUPERVISION = {'model.roi_head.bbox_head.loss_scene':
                      dict(type='SceneSupervisionLoss', loss_weight=0.5)}
 
@@ -78,19 +79,19 @@ def test_upcycled_model_predicts_like_the_dense_checkpoint(tmp_path, options):
     moe_cfg = load_config(HIMOE_CONFIG, options)
     moe = build_model(moe_cfg, seed=2).eval()
     head = moe.roi_head.bbox_head
-    router_init = copy.deepcopy(head.router.state_dict())
+    router_init = copy.deepcopy(head.moe_block.router.state_dict())
     load_checkpoint(moe, str(checkpoint), strict=False)
 
     dense_head = dense.roi_head.bbox_head
-    mapped = [line.split(' -> ')[0] for line in head.upcycle_report]
-    assert [key for key in mapped if key.endswith('.weight')] == [
+    mapped = [line.split(', ')[0] for line in head.upcycle_report if 'shared expert' not in line]
+    assert mapped == [
         f'roi_head.bbox_head.shared_fcs.{i}.weight' for i in head.moe_fc_layers]
-    for name, value in head.router.state_dict().items():
+    for name, value in head.moe_block.router.state_dict().items():
         assert torch.equal(value, router_init[name]), name
     first_expert_fc = dense_head.shared_fcs[head.moe_fc_layers[0]].weight
-    assert all(torch.equal(w, first_expert_fc) for w in head.moe.experts.weights[0])
-    if head.moe.shared is not None:
-        assert torch.equal(head.moe.shared.layers[0].weight, first_expert_fc)
+    assert all(torch.equal(w, first_expert_fc) for w in head.moe_block.moe.experts.weights[0])
+    if head.moe_block.moe.shared is not None:
+        assert torch.equal(head.moe_block.moe.shared.layers[0].weight, first_expert_fc)
     for index, fc in head.shared_fcs.items():  # dense layers outside the experts
         assert torch.equal(fc.weight, dense_head.shared_fcs[int(index)].weight)
 
@@ -111,7 +112,7 @@ def test_dense_checkpoint_that_does_not_fit_the_experts_fails_clearly(tmp_path):
     torch.save({'state_dict': build_model(load_config(DENSE_CONFIG)).state_dict()}, checkpoint)
     narrow = build_model(load_config(HIMOE_CONFIG, {
         'model.roi_head.bbox_head.expert_channels': 128}))
-    with pytest.raises(ValueError, match=r"cannot upcycle 'roi_head\.bbox_head\.' from the "
+    with pytest.raises(ValueError, match=r"cannot upcycle 'roi_head\.bbox_head\.moe_block\.moe' from the "
                                          r"dense checkpoint: dense layers of shapes"):
         load_checkpoint(narrow, str(checkpoint), strict=False)
 
@@ -125,6 +126,18 @@ def test_checkpoint_with_another_expert_count_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match=r'roi_head\.bbox_head\.router\.num_experts: the '
                                          r'checkpoint has 6 experts .* built with 3'):
         load_checkpoint(fewer, str(checkpoint), strict=False)
+
+
+def test_checkpoint_with_another_group_count_fails_clearly(tmp_path):
+    """Same experts, other scene groups: mmengine would only warn about the scene router's
+    shape and keep a re-initialised one; the guard names the key."""
+    checkpoint = tmp_path / 'moe6_g3.pth'
+    torch.save({'state_dict': build_model(load_config(HIMOE_CONFIG)).state_dict()}, checkpoint)
+    two_groups = build_model(load_config(HIMOE_CONFIG, {
+        'model.roi_head.bbox_head.router.num_groups': 2}))
+    with pytest.raises(MoEConfigError, match=r"^roi_head\.bbox_head\.router\.num_groups=2: the "
+                                             r"checkpoint's router .* chooses among 3 expert groups"):
+        load_checkpoint(two_groups, str(checkpoint), strict=False)
 
 
 @pytest.mark.parametrize('options, message', [
@@ -251,7 +264,7 @@ def test_scene_supervision_from_dataset_supercategories():
     losses = model.loss(batch['inputs'], batch['data_samples'])
     assert losses['loss_moe_scene_supervision'] > 0
     losses['loss_moe_scene_supervision'].backward()
-    assert model.roi_head.bbox_head.router.scene_router.weight.grad.abs().sum() > 0
+    assert model.roi_head.bbox_head.moe_block.router.scene_router.weight.grad.abs().sum() > 0
 
     two_groups = load_config(HIMOE_CONFIG, {**SCENE_SUPERVISION,
                                            'model.roi_head.bbox_head.router.num_groups': 2})
