@@ -351,8 +351,10 @@ class HIMoEDetrMixin:
         inputs and the ``Routing`` of every MoE FFN (encoder first)."""
         routings: List[Routing] = []
         encoder_inputs, decoder_inputs = self.pre_transformer(img_feats, batch_data_samples)
-        image_tokens = TokenRouting.of_tokens(
-            ~encoder_inputs['feat_mask'], route_uncounted=False, routings=routings)
+        feat, padding = encoder_inputs['feat'], encoder_inputs['feat_mask']
+        real = (torch.ones(feat.shape[:2], dtype=torch.bool, device=feat.device)
+                if padding is None else ~padding)  # None: no image of the batch is padded
+        image_tokens = TokenRouting.of_tokens(real, route_uncounted=False, routings=routings)
         encoder_outputs = self.forward_encoder(**encoder_inputs, moe_tokens=image_tokens)
         decoder_extra, head_inputs = self._pre_decoder(encoder_outputs, batch_data_samples)
         decoder_inputs.update(decoder_extra)

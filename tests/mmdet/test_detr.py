@@ -36,13 +36,20 @@ def build(config: Path, options: dict = None):
     return model, cfg
 
 
-def real_batch(model, cfg, indices=(0, 5), training=True):
-    """Two Aquarium train images of different aspect ratios (so the batch is padded), through
-    the config's own pipeline and the model's data preprocessor."""
+def real_batch(model, cfg, training=True):
+    """A portrait and a landscape Aquarium train image (so the batch is padded), through the
+    config's own pipeline and the model's data preprocessor."""
     from mmdet.registry import DATASETS
 
     dataset = DATASETS.build(cfg.train_dataloader.dataset)
-    data = pseudo_collate([dataset[i] for i in indices])
+    portrait = landscape = None
+    for i in range(len(dataset)):
+        info = dataset.get_data_info(i)
+        if info['height'] > info['width'] and portrait is None:
+            portrait = i
+        if info['width'] > info['height'] and landscape is None:
+            landscape = i
+    data = pseudo_collate([dataset[portrait], dataset[landscape]])
     return model.data_preprocessor(data, training)
 
 
@@ -98,7 +105,8 @@ def test_ablation_configs_inherit_stock_dino_and_build_what_they_say(name):
       'model.moe.router.num_groups': 3}, r'^moe\.upcycle\.mode=.split.: feedforward_channels=1024'),
     ({'model.moe.upcycle': dict(noise_std=float('nan'))}, r'^moe\.upcycle\.noise_std=nan'),
     ({'model.moe.stats_period': 0}, r'^moe\.stats_period=0: must be an integer >= 1'),
-    ({'model.moe.loss_balance.type': 'RouterZLoss'}, r'^moe\.loss_balance\.type=.RouterZLoss.'),
+    ({'model.moe.loss_router_z.type': 'LoadBalancingLoss'},
+     r'^moe\.loss_router_z\.type=.LoadBalancingLoss.: must be a RouterZLoss'),
     ({'model.moe.router.balance_loss_weight': 0.1},
      r'^moe\.router\.balance_loss_weight=0\.1: set it as moe\.loss_balance\.loss_weight'),
     ({'model.moe.experts': 4}, r'^moe\.experts=4: unknown setting'),
@@ -135,7 +143,7 @@ def test_padding_never_enters_scene_pooling_routing_or_statistics(himoe_dino):
     model.train()
     encoder_inputs = _encoder_inputs(model, cfg)
     padding = encoder_inputs['feat_mask']
-    assert padding.any(dim=1).sum() == 1, 'the batch must pad exactly one of its two images'
+    assert padding.any() and not padding.all(dim=1).any(), 'the batch must be padded'
     real_tokens = (~padding).sum(dim=1)
 
     def run(feat):
@@ -235,8 +243,9 @@ def test_training_loss_has_routing_losses_with_gradients_and_statistics(himoe_di
 def _dense_and_moe(options):
     dense, cfg = build(DENSE_DINO_CPU)
     moe, _ = build(HIMOE_DINO_CPU, options)
-    state = dense.state_dict()
-    moe.load_state_dict(copy.deepcopy(state))  # strict: every dense FFN key is consumed
+    result = moe.load_state_dict(copy.deepcopy(dense.state_dict()), strict=False)
+    assert not result.unexpected_keys  # every dense FFN key became experts
+    assert result.missing_keys and all('.ffn.router.' in k for k in result.missing_keys)
     return dense.eval(), moe.eval(), cfg
 
 
@@ -279,12 +288,16 @@ def test_split_upcycled_dino_with_every_expert_on_equals_the_dense_dino():
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_checkpoint_with_another_expert_count_fails_naming_the_key():
+def test_checkpoint_with_another_expert_or_group_count_fails_naming_the_key():
     moe, _ = build(HIMOE_DINO_CPU)
-    other, _ = build(HIMOE_DINO_CPU, {'model.moe.router.num_experts': 4,
-                                      'model.moe.router.num_groups': 2})
+    fewer_experts, _ = build(HIMOE_DINO_CPU, {'model.moe.router.num_experts': 4})
     with pytest.raises(ValueError, match=r'moe\.router\.num_experts: the checkpoint has 8 experts'):
-        other.load_state_dict(moe.state_dict())
+        fewer_experts.load_state_dict(moe.state_dict())
+    fewer_groups, _ = build(HIMOE_DINO_CPU, {'model.moe.router.num_groups': 2,
+                                             'model.moe.router.scene_top_k': 1})
+    with pytest.raises(MoEConfigError, match=r"^moe\.router\.num_groups=2: the checkpoint's router "
+                                             r"at 'encoder\.layers\.0\.ffn\.router' chooses among 4"):
+        fewer_groups.load_state_dict(moe.state_dict())
 
 
 # ---------------------------------------------------------------- stock tools
@@ -322,3 +335,41 @@ model = dict(moe=dict(stats_period=1))
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert test.returncode == 0, (test.stdout + test.stderr)[-4000:]
     assert 'coco/bbox_mAP:' in test.stdout + test.stderr
+
+
+def test_ddp_two_cpu_processes_share_global_routing_losses(tmp_path, data_root, valid_slice):
+    """tools/mmdet/dist_train.sh on 2 gloo processes (no find_unused_parameters): HI-MoE DINO
+    trains 2 iterations; the routing losses and statistics of every MoE layer are global
+    (identical on both ranks) while the detection losses of their different images differ."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    probe_dir = tmp_path / 'probe'
+    config = write_config(tmp_path / 'ddp_cfg.py', HIMOE_DINO_CPU, f"""
+custom_imports = dict(imports=['himoe_plugin.mmdet', 'mmdet_probes'], allow_failed_imports=False)
+custom_hooks = [dict(type='RankScalarsProbe', out_dir={str(probe_dir)!r})]
+train_cfg = dict(max_iters=2, val_interval=100)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=100))
+model = dict(moe=dict(stats_period=1))
+{slice_eval_config(valid_slice, tmp_path / 'unused.pkl')}
+""")
+    env = subprocess_env(data_root)
+    env['PORT'] = str(port)
+    result = subprocess.run(
+        ['bash', str(REPO_ROOT / 'tools/mmdet/dist_train.sh'), str(config), '2',
+         '--work-dir', str(tmp_path / 'work_dir')],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ranks = [json.loads((probe_dir / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert sorted(ranks[0]) == sorted(ranks[1]) == ['1', '2']
+    for step in ('1', '2'):
+        rank0, rank1 = ranks[0][step], ranks[1][step]
+        global_names = [k for k in rank0 if k.startswith(('loss_moe_', 'himoe/'))]
+        assert set(ROUTING_LOSSES) <= set(global_names)
+        assert {k.split('/')[1] for k in global_names if k.startswith('himoe/')} == {
+            f'{part}.{i}' for part in ('encoder', 'decoder') for i in range(3)}
+        for name in global_names:
+            assert rank0[name] == rank1[name], (step, name)
+        assert rank0['loss_cls'] != rank1['loss_cls']

@@ -2,10 +2,13 @@
 # (short side 256, 3 encoder + 3 decoder layers, FFN 1024, 100 queries), trained from scratch:
 # no pretrained weights, trainable BN. The HI-MoE counterpart
 # (himoe-dino-4scale_r18_aquarium_cpu.py) differs only in its `moe` entry.
-_base_ = [
-    'mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py',
-    '../_base_/datasets/aquarium_detection.py',
-]
+# The dataset is set here as in ../_base_/datasets/aquarium_detection.py (MMEngine does not
+# allow two bases that both define the dataloaders, and the stock DINO config defines them).
+_base_ = 'mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py'
+
+data_root = '{{$HIMOE_DATA_ROOT:{{ fileDirname }}/../../../../shared/data}}/aquarium/'
+metainfo = dict(
+    classes=('fish', 'jellyfish', 'penguin', 'puffin', 'shark', 'starfish', 'stingray'))
 
 num_queries = 100
 model = dict(
@@ -40,11 +43,24 @@ test_pipeline = [
 ]
 train_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(pipeline=train_pipeline, filter_cfg=dict(filter_empty_gt=False)))
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='images/train/'),
+        pipeline=train_pipeline,
+        filter_cfg=dict(filter_empty_gt=False)))
 val_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(pipeline=test_pipeline))
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_valid.json',
+        data_prefix=dict(img='images/valid/'),
+        pipeline=test_pipeline))
 test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_valid.json')
+test_evaluator = val_evaluator
 
 max_iters = 2000
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=500)
