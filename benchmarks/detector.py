@@ -130,7 +130,7 @@ def detectron2_models(size: int):
 
         infer[name], train[name] = run_infer, run_train
         head = model.roi_heads.box_head
-        experts = head.moe.experts if hasattr(head, "moe") else None
+        experts = head.moe_block.moe.experts if hasattr(head, "moe_block") else None
         flops = FlopCountAnalysis(model.eval(), infer_batch)
         flops.unsupported_ops_warnings(False)
         flops.uncalled_modules_warnings(False)
@@ -232,7 +232,7 @@ def mmdet_models(size: int):
         by_module = analyzer.by_module()
         model.forward = forward
         head = model.roi_head.bbox_head
-        experts = head.moe.experts if hasattr(head, "moe") else None
+        experts = head.moe_block.moe.experts if hasattr(head, "moe_block") else None
         info[name] = dict(params=parameter_counts(model, experts, VARIANTS[name] or 1),
                           gmacs=by_module[""] / 1e9,
                           box_head_gmacs=by_module["roi_head.bbox_head"] / 1e9)

@@ -430,7 +430,7 @@ class HIMoEDETR(HIMoEDetrMixin, DETR):
                         moe_tokens: TokenRouting) -> Dict:
         memory = self.encoder(query=feat, query_pos=feat_pos, key_padding_mask=feat_mask,
                               moe_tokens=moe_tokens)
-        return dict(memory=memory, memory_mask=feat_mask, memory_pos=feat_pos)
+        return dict(memory=memory)
 
     def forward_decoder(self, query: Tensor, query_pos: Tensor, memory: Tensor,
                         memory_mask: Tensor, memory_pos: Tensor,

@@ -60,9 +60,11 @@ def build_routing_losses(owner_key: str, loss_cfgs: Mapping[str, OptConfigType]
 def build_router(owner_key: str, router_cfg: ConfigType,
                  losses: Mapping[str, Optional[RoutingLoss]], owner_settings: Mapping[str, object],
                  scene_dim: int, instance_dim: int) -> HierarchicalRouter:
-    """The ``HierarchicalRouter`` of ``router_cfg``, with the loss weights of ``losses`` and the
-    owner's ``shared_expert*`` settings; errors name the config key."""
+    """The ``HierarchicalRouter`` of ``router_cfg`` (its ``type`` defaults to it), with the loss
+    weights of ``losses`` and the owner's ``shared_expert*`` settings; errors name the key."""
     key_of = config_key_of(owner_key)
+    router_cfg = dict(router_cfg)
+    router_cfg.setdefault('type', 'HierarchicalRouter')
     settings = dict(owner_settings)
     for name, loss_type in LOSS_ENTRIES.items():
         loss = losses[name]

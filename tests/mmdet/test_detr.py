@@ -300,6 +300,42 @@ def test_checkpoint_with_another_expert_or_group_count_fails_naming_the_key():
         fewer_groups.load_state_dict(moe.state_dict())
 
 
+@pytest.mark.parametrize('stock, moe_type', [
+    ('mmdet::deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
+     'HIMoEDeformableDETR'),
+    ('mmdet::detr/detr_r18_8xb2-500e_coco.py', 'HIMoEDETR'),
+])
+def test_deformable_detr_and_detr_train_and_upcycle_exactly(tmp_path, stock, moe_type):
+    """The other DETR-family detectors: the stock config plus `type` and `moe` trains with
+    routing losses, and copy-upcycled from the dense model predicts exactly what it predicts."""
+    small = {'model.backbone.init_cfg': None, 'model.encoder.num_layers': 2,
+             'model.decoder.num_layers': 2, 'model.num_queries': 30}
+    dense_cfg = tmp_path / 'dense.py'
+    dense_cfg.write_text(f'_base_ = {stock!r}\n')
+    moe_cfg = write_config(tmp_path / 'moe.py', dense_cfg, f"""
+custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+model = dict(type={moe_type!r}, moe=dict(
+    router=dict(num_experts=4, top_k=2, num_groups=2, scene_top_k=1), shared_expert=True))
+""")
+    dense, _ = build(dense_cfg, small)
+    moe, _ = build(moe_cfg, small)
+    assert len(moe.moe_ffns) == 4
+    _, aquarium_cfg = build(DENSE_DINO_CPU, {'model.encoder.num_layers': 1,
+                                             'model.decoder.num_layers': 1})
+    inputs = real_batch(moe, aquarium_cfg)
+    moe.train()
+    losses = moe.loss(inputs['inputs'], inputs['data_samples'])
+    assert all(losses[name].requires_grad for name in ('loss_moe_balance', 'loss_moe_z'))
+    sum(v for k, v in losses.items() if 'loss' in k).backward()
+    assert all(ffn.router.instance_router.weight.grad.abs().sum() > 0 for ffn in moe.moe_ffns)
+
+    moe.load_state_dict(dense.state_dict(), strict=False)
+    test_inputs = real_batch(dense, aquarium_cfg, training=False)
+    for got, expected in zip(_predict(moe.eval(), test_inputs), _predict(dense.eval(), test_inputs)):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- stock tools
 
 def test_stock_train_and_test_tools_train_and_evaluate_himoe_dino(tmp_path, data_root, valid_slice):

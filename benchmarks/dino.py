@@ -1,0 +1,228 @@
+"""HI-MoE DINO vs dense DINO vs the naive all-experts pattern, side by side (MMDetection).
+
+    python benchmarks/dino.py                  # 512x512, 5 repeats
+    python benchmarks/dino.py --quick          # 2 encoder + 2 decoder layers, 2 repeats
+    python benchmarks/dino.py --device cuda
+
+Contenders: the stock DINO R50 4-scale (6 + 6 layers, FFN 2048, 900 queries) and HI-MoE variants
+that replace every encoder and decoder FFN. Every variant is the dense model upcycled (its
+state dict loaded into the MoE model), so everything outside the FFNs is identical, experts
+start as the dense FFN (copy) or slices of it (split), and only the routers are new:
+
+  dense           stock DINO
+  full            E=16 in 4 groups, scene keeps 2, k=2, shared expert (the paper's setting)
+  k1              E=16 in 4 groups, scene keeps 2, k=1, no shared expert
+  split_e8k2      E=8 split-upcycled (experts of 2048/8 = 256 channels), k=2, no shared expert
+  naive_full      as `full`, but every expert runs on every token and the chosen ones are
+                  gathered afterwards (the published reference code's pattern)
+
+Measured in one process, alternating, on two real Aquarium images resized and padded to the
+benchmark size: inference (no-grad ``predict``, 1 image) and a training step (``loss`` forward,
+backward and an SGD step, 2 images). Also total vs active parameters (active: what one token uses)
+and the MACs counted by mmengine's FLOP analyzer (what `get_flops.py` uses) on one inference pass.
+Random weights (no pretrained weights here); BN statistics calibrated on the images.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from functools import partial
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from tqdm import tqdm
+
+from detector import calibrate_batch_norm, data_root
+from moe_layer import NaiveMoE
+from timing import compare, fmt_ratio, ratio_summary, write_results
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE = "mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py"
+
+VARIANTS: Dict[str, dict] = {
+    "dense": {},
+    "full": dict(router=dict(num_experts=16, num_groups=4, scene_top_k=2, top_k=2), shared_expert=True),
+    "k1": dict(router=dict(num_experts=16, num_groups=4, scene_top_k=2, top_k=1), shared_expert=False),
+    "split_e8k2": dict(router=dict(num_experts=8, num_groups=4, scene_top_k=2, top_k=2),
+                       shared_expert=False, upcycle=dict(mode="split")),
+    "naive_full": dict(router=dict(num_experts=16, num_groups=4, scene_top_k=2, top_k=2), shared_expert=True),
+}
+TARGETS = {"full": "<= 1.5 (reference code: 5.4)", "k1": "<= 1.10", "split_e8k2": "<= 1.0", "naive_full": ""}
+
+
+class NaiveExperts(torch.nn.Module):
+    """Drop-in for a block's ``MoEMLP`` that runs every expert on every token, then gathers."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.naive = NaiveMoE(moe)
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        n, k = plan.num_instances, plan.top_k
+        sorted_expert = torch.repeat_interleave(
+            torch.arange(len(plan.rows_per_expert), device=x.device),
+            torch.tensor(plan.rows_per_expert, device=x.device))
+        expert_index = torch.zeros(n * k, dtype=torch.long, device=x.device)
+        weights = torch.zeros(n * k, device=x.device)
+        expert_index[plan.slot] = sorted_expert
+        weights[plan.slot] = plan.combine_weight.float()
+        return self.naive(x, expert_index.view(n, k), weights.view(n, k))
+
+
+def config_text(variant: str, size: int, layers: int) -> str:
+    moe = VARIANTS[variant]
+    aquarium = str(data_root() / "aquarium") + "/"
+    body = f"""
+_base_ = {BASE!r}
+custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(init_cfg=None, frozen_stages=-1, norm_eval=False,
+                  norm_cfg=dict(type='BN', requires_grad=True)),
+    encoder=dict(num_layers={layers}), decoder=dict(num_layers={layers}))
+pipeline = [
+    dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', scale=({size}, {size}), keep_ratio=True),
+    dict(type='Pad', size=({size}, {size})),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                                          'scale_factor', 'pad_shape'))]
+aquarium = dict(data_root={aquarium!r}, ann_file='annotations/instances_valid.json',
+                data_prefix=dict(img='images/valid/'), pipeline=pipeline,
+                metainfo=dict(classes=('fish', 'jellyfish', 'penguin', 'puffin', 'shark',
+                                       'starfish', 'stingray')))
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                        sampler=dict(shuffle=False), dataset=aquarium)
+val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
+                      sampler=dict(shuffle=False), dataset=aquarium)
+"""
+    if moe:
+        body += f"model.update(type='HIMoEDINO', moe={moe!r})\n"
+    return body
+
+
+def build_variants(size: int, layers: int, device: str):
+    from mmengine.analysis import FlopAnalyzer
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+
+    import himoe_plugin.mmdet  # noqa: F401
+    from mmdet.registry import MODELS
+
+    init_default_scope("mmdet")
+    tmp = Path(__import__("tempfile").mkdtemp())
+    infer, train, info = {}, {}, {}
+    dense_state = train_batch = infer_batch = None
+    for name in tqdm(VARIANTS, desc="building"):
+        path = tmp / f"{name}.py"
+        path.write_text(config_text(name, size, layers))
+        cfg = Config.fromfile(str(path))
+        if train_batch is None:
+            train_batch = next(iter(Runner.build_dataloader(cfg.train_dataloader)))
+            infer_batch = next(iter(Runner.build_dataloader(cfg.val_dataloader)))
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        if dense_state is None:
+            model.to(device)
+            calibrate_batch_norm(model, lambda m=model: m.extract_feat(
+                m.data_preprocessor(train_batch, True)["inputs"]))
+            dense_state = copy.deepcopy(model.state_dict())
+        else:  # upcycle the dense model: identical trunk and heads, experts from its FFNs
+            model.load_state_dict(dense_state, strict=False)
+            model.to(device)
+        if name == "naive_full":
+            for ffn in model.moe_ffns:
+                ffn.moe = NaiveExperts(ffn.moe)
+        optim = build_optim_wrapper(model, dict(optimizer=dict(type="SGD", lr=1e-4, momentum=0.9)))
+
+        def run_infer(model=model):
+            model.eval()
+            with torch.no_grad():
+                model.test_step(infer_batch)
+            _sync(device)
+
+        def run_train(model=model, optim=optim):
+            model.train()
+            model.train_step(train_batch, optim)
+            _sync(device)
+
+        infer[name], train[name] = run_infer, run_train
+        info[name] = dict(params=parameter_counts(model, name), gmacs=_gmacs(model, infer_batch, FlopAnalyzer))
+    return infer, train, info
+
+
+def parameter_counts(model: torch.nn.Module, name: str) -> Dict[str, int]:
+    """Total parameters, and those one token uses (its k routed experts of E, plus the rest)."""
+    total = sum(p.numel() for p in model.parameters())
+    if name == "dense":
+        return {"total": total, "active": total}
+    idle = 0
+    for ffn in model.moe_ffns:
+        experts = ffn.moe.naive.moe.experts if name == "naive_full" else ffn.moe.experts
+        per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
+        idle += per_expert * (experts.num_experts - ffn.config.top_k)
+    return {"total": total, "active": total - idle}
+
+
+def _gmacs(model, batch, analyzer_type) -> float:
+    model.eval()
+    data = model.data_preprocessor(batch, False)
+    forward = model.forward
+    model.forward = partial(forward, data_samples=data["data_samples"])
+    try:
+        analyzer = analyzer_type(model, inputs=data["inputs"])
+        analyzer.unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
+        return analyzer.total() / 1e9
+    finally:
+        model.forward = forward
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="images are resized and padded to size x size")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers (stock: 6)")
+    parser.add_argument("--quick", action="store_true", help="2 + 2 layers, 2 repeats")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.repeats = 2, 2
+
+    infer, train, info = build_variants(args.size, args.layers, args.device)
+    results: List[dict] = []
+    for phase, contenders in (("infer", infer), ("train", train)):
+        seconds = compare(contenders, repeats=args.repeats)
+        results.append(dict(phase=phase, summary=ratio_summary(seconds, "dense"), seconds=seconds))
+
+    names = [n for n in VARIANTS if n != "dense"]
+    lines = [f"DINO R50 4-scale, {args.layers} + {args.layers} layers, {args.size}x{args.size}, "
+             f"device {args.device}; median of {args.repeats} alternating repeats; "
+             "ratio = per-repeat time / dense (median, min-max).", "",
+             "| phase | dense s | " + " | ".join(f"{n} / dense" for n in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]
+    for r in results:
+        s = r["summary"]
+        lines.append(f"| {r['phase']} | {s['dense']['median_s']:.2f} | "
+                     + " | ".join(fmt_ratio(s[n]) for n in names) + " |")
+    lines.append("| target (infer) | | " + " | ".join(TARGETS[n] for n in names) + " |")
+    lines += ["", "| model | params total (M) | params active per token (M) | GMACs (1 image, mmengine) |",
+              "|---|---:|---:|---:|"]
+    for name, i in info.items():
+        lines.append(f"| {name} | {i['params']['total'] / 1e6:.1f} | {i['params']['active'] / 1e6:.1f} | "
+                     f"{i['gmacs']:.1f} |")
+    path = write_results("dino", {"size": args.size, "layers": args.layers, "repeats": args.repeats,
+                                  "device": args.device, "info": info, "results": results}, lines)
+    print("\n".join(lines))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
