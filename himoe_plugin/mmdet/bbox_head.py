@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..core import MoEBlock, MoEConfig, MoEConfigError, Routing, check_contiguous_layers
 from .moe_settings import (build_router, build_routing_losses, check_upcycle_noise,
-                           config_key_of, routing_losses)
+                           routing_losses)
 
 #: How errors name the head's settings (its place in a Faster R-CNN config).
 HEAD_KEY = 'roi_head.bbox_head'

@@ -1,8 +1,11 @@
 """Paths and helpers shared by the MMDetection adapter tests."""
+import json
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / 'configs' / 'mmdet' / 'aquarium'
@@ -46,3 +49,20 @@ val_evaluator = [
 test_evaluator = dict(_delete_=True, type='CocoMetric', ann_file={str(valid_slice)!r},
                       metric='bbox')
 """
+
+
+def dist_train_two_ranks(config: Path, work_dir: Path, probe_dir: Path, data_root: Path
+                         ) -> List[Dict[str, Dict[str, float]]]:
+    """Train ``config`` with tools/mmdet/dist_train.sh on 2 gloo processes; returns each rank's
+    ``{iter: {scalar: value}}`` written by the config's ``RankScalarsProbe`` to ``probe_dir``."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env = subprocess_env(data_root)
+    env['PORT'] = str(port)
+    result = subprocess.run(
+        ['bash', str(REPO_ROOT / 'tools/mmdet/dist_train.sh'), str(config), '2',
+         '--work-dir', str(work_dir)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return [json.loads((probe_dir / f'rank{r}.json').read_text()) for r in (0, 1)]

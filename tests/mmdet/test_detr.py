@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmdet_helpers import (CONFIG_DIR, REPO_ROOT, mmdet_tools_dir, slice_eval_config,
+from mmdet_helpers import (CONFIG_DIR, REPO_ROOT, dist_train_two_ranks, slice_eval_config,
                            subprocess_env, write_config)
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
@@ -16,7 +16,6 @@ from mmengine.registry import init_default_scope
 
 import himoe_plugin.mmdet  # noqa: F401  (registers HIMoEDINO & co.)
 from himoe_plugin.core import MoEConfigError
-from himoe_plugin.mmdet import HIMoEDINO, MoEFFN
 
 DINO_CONFIGS = REPO_ROOT / 'configs' / 'mmdet' / 'dino'
 HIMOE_DINO_CPU = CONFIG_DIR / 'himoe-dino-4scale_r18_aquarium_cpu.py'
@@ -377,11 +376,6 @@ def test_ddp_two_cpu_processes_share_global_routing_losses(tmp_path, data_root, 
     """tools/mmdet/dist_train.sh on 2 gloo processes (no find_unused_parameters): HI-MoE DINO
     trains 2 iterations; the routing losses and statistics of every MoE layer are global
     (identical on both ranks) while the detection losses of their different images differ."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
     probe_dir = tmp_path / 'probe'
     config = write_config(tmp_path / 'ddp_cfg.py', HIMOE_DINO_CPU, f"""
 custom_imports = dict(imports=['himoe_plugin.mmdet', 'mmdet_probes'], allow_failed_imports=False)
@@ -391,14 +385,7 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=100))
 model = dict(moe=dict(stats_period=1))
 {slice_eval_config(valid_slice, tmp_path / 'unused.pkl')}
 """)
-    env = subprocess_env(data_root)
-    env['PORT'] = str(port)
-    result = subprocess.run(
-        ['bash', str(REPO_ROOT / 'tools/mmdet/dist_train.sh'), str(config), '2',
-         '--work-dir', str(tmp_path / 'work_dir')],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    ranks = [json.loads((probe_dir / f'rank{r}.json').read_text()) for r in (0, 1)]
+    ranks = dist_train_two_ranks(config, tmp_path / 'work_dir', probe_dir, data_root)
     assert sorted(ranks[0]) == sorted(ranks[1]) == ['1', '2']
     for step in ('1', '2'):
         rank0, rank1 = ranks[0][step], ranks[1][step]

@@ -1,15 +1,14 @@
 """MMDetection Runner and stock tools with HI-MoE: train, validate, test, resume, DDP (CPU)."""
 import copy
-import json
 import pickle
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import torch
 from mmdet_helpers import (HIMOE_CONFIG, REPO_ROOT, TRAIN_ITERS, VALID_IMAGES,
-                           mmdet_tools_dir, slice_eval_config, subprocess_env, write_config)
+                           dist_train_two_ranks, mmdet_tools_dir, slice_eval_config,
+                           subprocess_env, write_config)
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
@@ -109,12 +108,6 @@ def test_resume_continues_from_saved_iteration_optimizer_and_router(trained_run,
     assert any(not torch.equal(final[k], saved['state_dict'][k]) for k in router_keys)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_share_global_routing_losses(tmp_path, data_root, valid_slice):
     """tools/mmdet/dist_train.sh (gloo on CPU, ``launcher='pytorch'``, no
     ``find_unused_parameters``) trains 2 iterations on 2 processes. With one of three groups
@@ -132,14 +125,7 @@ model = dict(roi_head=dict(stats_period=1,
                            bbox_head=dict(router=dict(top_k=1, scene_top_k=1))))
 {slice_eval_config(valid_slice, tmp_path / 'unused.pkl')}
 """)
-    env = subprocess_env(data_root)
-    env['PORT'] = str(_free_port())
-    result = subprocess.run(
-        ['bash', str(REPO_ROOT / 'tools/mmdet/dist_train.sh'), str(config), '2',
-         '--work-dir', str(tmp_path / 'work_dir')],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    ranks = [json.loads((probe_dir / f'rank{r}.json').read_text()) for r in (0, 1)]
+    ranks = dist_train_two_ranks(config, tmp_path / 'work_dir', probe_dir, data_root)
     assert sorted(ranks[0]) == sorted(ranks[1]) == ['1', '2']
     for step in ('1', '2'):
         rank0, rank1 = ranks[0][step], ranks[1][step]
