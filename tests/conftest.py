@@ -10,7 +10,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def bundled_data_root() -> Path:
     """``$HIMOE_DATA_ROOT`` or ``../shared/data`` next to the checkout; fails loudly if absent."""
     root = Path(os.environ.get("HIMOE_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
-    for required in ("aquarium/annotations/instances_train.json", "aquarium/images/valid"):
+    for required in ("aquarium/annotations/instances_train.json", "aquarium/images/valid",
+                     "coco128/annotations/instances_train.json"):
         if not (root / required).exists():
             raise RuntimeError(
                 f"bundled test data missing: {root / required} (set HIMOE_DATA_ROOT); "

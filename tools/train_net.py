@@ -11,37 +11,21 @@ The bundled datasets (aquarium_train, aquarium_valid, coco128_train) are registe
 --data-root (default $HIMOE_DATA_ROOT or ../shared/data); --register NAME JSON IMAGE_DIR adds
 any other COCO-format dataset. Without CUDA the model runs on CPU.
 """
-import os
 import sys
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from himoe_plugin.detectron2 import get_himoe_cfg, register_bundled_datasets, register_coco_dataset
-from himoe_plugin.detectron2.config import validate_himoe_cfg
-from himoe_plugin.detectron2.data import default_data_root
+from himoe_plugin.detectron2.config import load_tool_cfg
+from himoe_plugin.detectron2.data import add_dataset_arguments, register_datasets_from_args
 from himoe_plugin.detectron2.engine import HIMoETrainer, launch
-
-def register_datasets(args) -> None:
-    data_root = args.data_root or default_data_root()
-    if args.data_root or os.path.isdir(data_root):
-        register_bundled_datasets(data_root)
-    for name, json_file, image_root in args.register or []:
-        register_coco_dataset(name, json_file, image_root)
 
 
 def setup(args):
-    cfg = get_himoe_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    if "InstanceMoE" in cfg.MODEL.ROI_HEADS.NAME:
-        validate_himoe_cfg(cfg)
+    cfg = load_tool_cfg(args.config_file, args.opts)
     if cfg.TEST.AUG.ENABLED:
         raise NotImplementedError("TEST.AUG.ENABLED: test-time augmentation is not supported by this tool")
     cfg.freeze()
@@ -52,7 +36,7 @@ def setup(args):
 
 
 def main(args):
-    register_datasets(args)
+    register_datasets_from_args(args)
     cfg = setup(args)
     if args.eval_only:
         model = HIMoETrainer.build_model(cfg)
@@ -67,21 +51,8 @@ def main(args):
     return trainer.train()
 
 
-def argument_parser():
-    parser = default_argument_parser()
-    parser.add_argument("--data-root", default="", help="folder of the bundled COCO-format datasets")
-    parser.add_argument(
-        "--register",
-        nargs=3,
-        action="append",
-        metavar=("NAME", "JSON", "IMAGE_DIR"),
-        help="register another COCO-format dataset (repeatable)",
-    )
-    return parser
-
-
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
+    args = add_dataset_arguments(default_argument_parser()).parse_args()
     print("Command Line Args:", args, file=sys.stderr)
     launch(
         main,

@@ -1,4 +1,5 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
+from .analysis import ParameterCount, count_parameters
 from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics
 from .config import MoEConfig, MoEConfigError, check_contiguous_layers
 from .dispatch import DispatchPlan, build_dispatch_plan
@@ -24,6 +25,8 @@ from .stats import RoutingStatsMeter
 from .upcycle import UPCYCLE_MODES, split_dense_layers, stack_dense_layers, upcycle_state_dict
 
 __all__ = [
+    "ParameterCount",
+    "count_parameters",
     "STATS_PREFIX",
     "MoEBlock",
     "collect_routing_statistics",

@@ -37,6 +37,9 @@ class MoEConvFCBoxHead(nn.Module):
     block existed (``router.*``, ``moe.*`` keys) load unchanged.
     """
 
+    #: Only ROI heads with ``feeds_moe_box_head`` (the HI-MoE ones) can run this head.
+    needs_moe_roi_heads = True
+
     @configurable
     def __init__(
         self,

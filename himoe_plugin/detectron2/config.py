@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling.roi_heads import (
+    ROI_BOX_HEAD_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    CascadeROIHeads,
+    StandardROIHeads,
+)
 
 from ..core import MoEConfig, MoEConfigError, check_contiguous_layers
 
@@ -61,6 +69,7 @@ def check_head_settings(values: Mapping[str, Any], key_of: Callable[[str], str])
 
 def validate_himoe_cfg(cfg: CfgNode) -> None:
     """Fail early, naming the key, on settings the model would reject at build time."""
+    check_roi_heads_family(cfg)
     moe_config_from_cfg(cfg)
     node = cfg.MODEL.HIMOE
     num_fc = cfg.MODEL.ROI_BOX_HEAD.NUM_FC
@@ -71,20 +80,129 @@ def validate_himoe_cfg(cfg: CfgNode) -> None:
     )
 
 
+def check_roi_heads_family(cfg: CfgNode) -> None:
+    """An HI-MoE box head only runs under an HI-MoE ROI head (the only ones that give it the
+    scene features and the image of every RoI), and the other way round; errors name both keys.
+    """
+    heads_name, box_name = cfg.MODEL.ROI_HEADS.NAME, cfg.MODEL.ROI_BOX_HEAD.NAME
+    heads_cls = ROI_HEADS_REGISTRY.get(heads_name)
+    moe_heads = _feeds_moe_box_head(heads_cls)
+    moe_box = _needs_moe_roi_heads(ROI_BOX_HEAD_REGISTRY.get(box_name))
+    if moe_box and not moe_heads:
+        raise MoEConfigError(
+            "MODEL.ROI_BOX_HEAD.NAME", box_name,
+            f"MODEL.ROI_HEADS.NAME={heads_name!r} cannot feed an HI-MoE box head (it gives no scene "
+            f"features or image indices); {_himoe_roi_heads_hint(heads_cls)}",
+        )
+    if moe_heads and not moe_box:
+        raise MoEConfigError(
+            "MODEL.ROI_BOX_HEAD.NAME", box_name,
+            f"MODEL.ROI_HEADS.NAME={heads_name!r} needs an HI-MoE box head: set "
+            "MODEL.ROI_BOX_HEAD.NAME='MoEConvFCBoxHead'",
+        )
+
+
+def _himoe_roi_heads_hint(heads_cls: type) -> str:
+    if issubclass(heads_cls, CascadeROIHeads):
+        return "set MODEL.ROI_HEADS.NAME='InstanceMoECascadeROIHeads'"
+    if issubclass(heads_cls, StandardROIHeads):
+        return "set MODEL.ROI_HEADS.NAME='InstanceMoEROIHead'"
+    return (
+        "HI-MoE supports the StandardROIHeads family (InstanceMoEROIHead) and the "
+        "CascadeROIHeads family (InstanceMoECascadeROIHeads)"
+    )
+
+
+def _feeds_moe_box_head(heads_cls: Optional[type]) -> bool:
+    """Whether these ROI heads give an HI-MoE box head what it needs (marked by the class)."""
+    return getattr(heads_cls, "feeds_moe_box_head", False)
+
+
+def _needs_moe_roi_heads(box_head_cls: Optional[type]) -> bool:
+    """Whether this box head only runs under HI-MoE ROI heads (marked by the class)."""
+    return getattr(box_head_cls, "needs_moe_roi_heads", False)
+
+
+def _registered_roi_heads(name: Optional[str]) -> Optional[type]:
+    """The ROI heads class registered as ``name``; None if none is (yet)."""
+    return ROI_HEADS_REGISTRY.get(name) if name is not None and name in ROI_HEADS_REGISTRY else None
+
+
+def _is_cascade(roi_heads_name: Optional[str]) -> bool:
+    heads_cls = _registered_roi_heads(roi_heads_name)
+    return heads_cls is not None and issubclass(heads_cls, CascadeROIHeads)
+
+
+def _roi_heads_name(loaded: Dict[str, Any]) -> Optional[str]:
+    return ((loaded.get("MODEL") or {}).get("ROI_HEADS") or {}).get("NAME")
+
+
+def check_cascade_kept(files: Sequence[Tuple[str, Optional[str]]]) -> None:
+    """Fail if the last of ``files`` replaces the cascade ROI heads of one before it with
+    single-stage HI-MoE ROI heads (which would silently drop the later stages).
+
+    Args:
+        files: ``(source, resolved MODEL.ROI_HEADS.NAME or None)`` of every file of one
+            ``_BASE_`` chain (bases first, the merged file last), or of a file and the
+            command-line overrides applied to it.
+    """
+    *bases, (outer_file, outer_name) = files
+    if _is_cascade(outer_name) or not _feeds_moe_box_head(_registered_roi_heads(outer_name)):
+        return
+    for base_file, base_name in bases:
+        if _is_cascade(base_name):
+            raise MoEConfigError(
+                "MODEL.ROI_HEADS.NAME", outer_name,
+                f"{outer_file} replaces the cascade ROI heads {base_name!r} of {base_file}; "
+                f"{outer_name!r} has one box stage, so the other cascade stages would be dropped: "
+                "set MODEL.ROI_HEADS.NAME='InstanceMoECascadeROIHeads'",
+            )
+
+
+_LOADING = threading.local()
+
+
+def _model_zoo_path(filename) -> Optional[str]:
+    """The model-zoo path of a ``model_zoo://`` file name (also after a relative ``_BASE_`` was
+    joined to it), else None."""
+    if isinstance(filename, str) and MODEL_ZOO_PREFIX in filename:
+        return os.path.normpath(filename.split(MODEL_ZOO_PREFIX, 1)[1])
+    return None
+
+
 class HIMoECfgNode(CfgNode):
     """Detectron2 ``CfgNode`` whose ``_BASE_`` may name a model-zoo config.
 
     ``_BASE_: "model_zoo://COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"`` resolves through
     ``detectron2.model_zoo.get_config_file``, so configs outside the Detectron2 repository can
-    inherit stock configs (and their own relative ``_BASE_`` chains) unchanged.
+    inherit stock configs (and their own relative ``_BASE_`` chains) unchanged. A file that
+    turns inherited cascade ROI heads into single-stage HI-MoE ones fails (``check_cascade_kept``).
     """
 
     @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe: bool = False):
+        chain: Optional[List[Tuple[str, Optional[str]]]] = getattr(_LOADING, "chain", None)
+        outermost = chain is None
+        if outermost:
+            chain = _LOADING.chain = []
+        try:
+            loaded = super().load_yaml_with_base(filename, allow_unsafe)  # bases recurse here
+        finally:
+            if outermost:
+                del _LOADING.chain
+        relative = _model_zoo_path(filename)
+        shown = str(filename) if relative is None else MODEL_ZOO_PREFIX + relative
+        chain.append((shown, _roi_heads_name(loaded)))
+        if outermost:
+            check_cascade_kept(chain)
+        return loaded
+
+    @classmethod
     def _open_cfg(cls, filename):
-        if isinstance(filename, str) and MODEL_ZOO_PREFIX in filename:
+        relative = _model_zoo_path(filename)
+        if relative is not None:
             from detectron2.model_zoo import get_config_file
 
-            relative = os.path.normpath(filename.split(MODEL_ZOO_PREFIX, 1)[1])
             return super()._open_cfg(get_config_file(relative))
         return super()._open_cfg(filename)
 
@@ -94,3 +212,21 @@ def get_himoe_cfg() -> HIMoECfgNode:
     cfg = get_cfg()
     add_himoe_config(cfg)
     return HIMoECfgNode(cfg)
+
+
+def load_tool_cfg(config_file: str, opts: Sequence[str]) -> HIMoECfgNode:
+    """The config a command-line tool runs (``tools/train_net.py``, ``tools/analyze_model.py``):
+    the file, then the ``KEY VALUE`` overrides, on CPU when there is no CUDA, checked the way the
+    model build would check it (ROI-head family, ``MODEL.HIMOE`` values) before anything runs."""
+    cfg = get_himoe_cfg()
+    cfg.merge_from_file(config_file)
+    from_file = cfg.MODEL.ROI_HEADS.NAME
+    cfg.merge_from_list(list(opts))
+    check_cascade_kept([(config_file, from_file), ("the command line", cfg.MODEL.ROI_HEADS.NAME)])
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    heads_cls = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    box_cls = ROI_BOX_HEAD_REGISTRY.get(cfg.MODEL.ROI_BOX_HEAD.NAME)
+    if _feeds_moe_box_head(heads_cls) or _needs_moe_roi_heads(box_cls):
+        validate_himoe_cfg(cfg)
+    return cfg

@@ -1,6 +1,7 @@
 """Register COCO-format datasets (with their supercategories) in Detectron2's catalogs."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -65,3 +66,26 @@ def register_bundled_datasets(data_root: Optional[str] = None) -> List[str]:
     for name, (json_file, image_root) in BUNDLED_DATASETS.items():
         register_coco_dataset(name, str(root / json_file), str(root / image_root))
     return list(BUNDLED_DATASETS)
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--data-root`` and ``--register NAME JSON IMAGE_DIR`` of the command-line tools."""
+    parser.add_argument("--data-root", default="", help="folder of the bundled COCO-format datasets")
+    parser.add_argument(
+        "--register",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "JSON", "IMAGE_DIR"),
+        help="register another COCO-format dataset (repeatable)",
+    )
+    return parser
+
+
+def register_datasets_from_args(args: argparse.Namespace) -> None:
+    """The bundled datasets (if their folder exists or ``--data-root`` names it) and every
+    ``--register``-ed one."""
+    data_root = args.data_root or default_data_root()
+    if args.data_root or os.path.isdir(data_root):
+        register_bundled_datasets(data_root)
+    for name, json_file, image_root in args.register or []:
+        register_coco_dataset(name, json_file, image_root)

@@ -1,11 +1,11 @@
 """LazyConfig helper: turn a stock ``StandardROIHeads`` model config into an HI-MoE one."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from detectron2.config import LazyCall as L
 
-from ..core import MoEConfig
+from ..core import MoEConfig, check_contiguous_layers
 from .box_head import MoEConvFCBoxHead
 from .config import check_head_settings
 from .roi_heads import InstanceMoEROIHead, supercategory_groups
@@ -13,7 +13,7 @@ from .roi_heads import InstanceMoEROIHead, supercategory_groups
 
 def use_himoe_roi_heads(
     model,
-    moe_fc_layers: Sequence[int] = (0, 1),
+    moe_fc_layers: Optional[Sequence[int]] = None,
     expert_dim: int = 0,
     scene_in_features: Sequence[str] = (),
     stats_period: int = 20,
@@ -25,7 +25,9 @@ def use_himoe_roi_heads(
     in place so that its ROI heads are ``InstanceMoEROIHead`` with a ``MoEConvFCBoxHead``.
 
     The stock box head's ``input_shape``, ``conv_dims``, ``fc_dims`` and ``conv_norm`` are
-    kept; ``moe_settings`` are ``MoEConfig`` fields (validated here, errors name the field).
+    kept; ``moe_fc_layers`` (default: all fc layers of that head, e.g. ``[0, 1]`` for the 2fc
+    head, ``[0]`` for the 4conv1fc head of the LSJ configs) become the experts;
+    ``moe_settings`` are ``MoEConfig`` fields (validated here, errors name the field).
     Scene features default to the box features; their strides come from the box pooler scales.
     With ``scene_supervision_weight`` > 0, ``supervision_datasets`` names the registered
     datasets whose category supercategories define the expert group of every class.
@@ -42,10 +44,14 @@ def use_himoe_roi_heads(
         )
     roi_heads = model.roi_heads
     stock_head = roi_heads.box_head
+    fc_dims = list(stock_head.fc_dims)
+    if moe_fc_layers is None:
+        moe_fc_layers = range(len(fc_dims))
+    check_contiguous_layers(list(moe_fc_layers), len(fc_dims), "moe_fc_layers")
     box_head = L(MoEConvFCBoxHead)(
         input_shape=stock_head.input_shape,
         conv_dims=list(stock_head.get("conv_dims", [])),
-        fc_dims=list(stock_head.fc_dims),
+        fc_dims=fc_dims,
         conv_norm=stock_head.get("conv_norm", ""),
         moe_config=dict(moe_settings),
         moe_fc_layers=list(moe_fc_layers),

@@ -34,6 +34,9 @@ class InstanceMoEROIHead(StandardROIHeads):
     exactly the stock ``Instances``.
     """
 
+    #: Gives its box head the scene features and the image of every RoI (see ``needs_moe_roi_heads``).
+    feeds_moe_box_head = True
+
     @configurable
     def __init__(
         self,

@@ -9,6 +9,7 @@ CONFIGS = REPO_ROOT / "configs" / "detectron2"
 HIMOE_YAML = CONFIGS / "aquarium" / "himoe_faster_rcnn_R_18_FPN_aquarium.yaml"
 DENSE_YAML = CONFIGS / "aquarium" / "faster_rcnn_R_18_FPN_aquarium.yaml"
 VALID_SLICE = "aquarium_valid_slice8"
+COCO128_SLICE = "coco128_slice8"  # the first 8 COCO128 images, with their polygon masks
 
 # CPU-sized: short side 256, few proposals at test time, no data-loader workers.
 SMALL_OPTS = [
@@ -26,9 +27,10 @@ SMALL_OPTS = [
 ]
 
 
-def write_slice(data_root: Path, out_json: Path, num_images: int = 8) -> Path:
-    """A COCO json with the first ``num_images`` images of aquarium valid (and their boxes)."""
-    full = json.loads((data_root / "aquarium/annotations/instances_valid.json").read_text())
+def write_slice(data_root: Path, out_json: Path, num_images: int = 8,
+                source: str = "aquarium/annotations/instances_valid.json") -> Path:
+    """A COCO json with the first ``num_images`` images of ``source`` (and their annotations)."""
+    full = json.loads((data_root / source).read_text())
     images = sorted(full["images"], key=lambda im: im["id"])[:num_images]
     keep = {im["id"] for im in images}
     sliced = dict(full, images=images, annotations=[a for a in full["annotations"] if a["image_id"] in keep])

@@ -5,8 +5,7 @@
 _base_ = [
     'mmdet::_base_/models/faster-rcnn_r50_fpn.py',
     '../_base_/datasets/aquarium_detection.py',
-    'mmdet::_base_/schedules/schedule_1x.py',
-    'mmdet::_base_/default_runtime.py',
+    '../_base_/cpu_schedule.py',
 ]
 
 channels = 128
@@ -26,50 +25,3 @@ model = dict(
         rpn_proposal=dict(nms_pre=1000, max_per_img=500),
         rcnn=dict(sampler=dict(num=256))),
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=300)))
-
-scale = (427, 256)  # long side <= 427, short side <= 256
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='Resize', scale=scale, keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=scale, keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
-train_dataloader = dict(
-    batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(pipeline=test_pipeline))
-test_dataloader = val_dataloader
-
-max_iters = 2000
-train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=500)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
-    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters,
-         milestones=[int(max_iters * 0.75)], gamma=0.1),
-]
-optim_wrapper = dict(
-    optimizer=dict(lr=0.01), clip_grad=dict(max_norm=10.0, norm_type=2))
-
-default_hooks = dict(
-    logger=dict(interval=10),
-    checkpoint=dict(by_epoch=False, interval=500))
-log_processor = dict(by_epoch=False, window_size=10)
-
-# CPU-friendly distributed settings (also fine on GPUs): gloo, and DDP without device_ids.
-# HI-MoE keeps every expert in the autograd graph, so no find_unused_parameters.
-env_cfg = dict(dist_cfg=dict(backend='gloo'))
-model_wrapper_cfg = dict(
-    type='MMDistributedDataParallel',
-    device_ids=None,
-    broadcast_buffers=False,
-    find_unused_parameters=False)

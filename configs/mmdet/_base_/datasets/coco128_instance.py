@@ -1,0 +1,40 @@
+# COCO128 (the first 128 COCO train2017 images, 80 classes, polygon masks) from the bundled
+# data, at CPU size (short side <= 256, batch 2). One split: it trains and validates on the same
+# images. The data root is $HIMOE_DATA_ROOT, else ../shared/data next to the repository checkout.
+_base_ = 'mmdet::_base_/datasets/coco_instance.py'
+
+data_root = '{{$HIMOE_DATA_ROOT:{{ fileDirname }}/../../../../../shared/data}}/coco128/'
+
+scale = (427, 256)  # long side <= 427, short side <= 256
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='images/'),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='images/'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_train.json')
+test_evaluator = val_evaluator

@@ -1,0 +1,21 @@
+# HI-MoE Cascade Mask R-CNN R50-FPN 1x on COCO: the stock config with the RoI head swapped (the
+# same HI-MoE settings as himoe-cascade-rcnn_r50_fpn_1x_coco.py; the mask heads are unchanged).
+_base_ = 'mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+
+model = dict(
+    roi_head=dict(
+        type='InstanceMoECascadeRoIHead',
+        stats_period=50,
+        route_once=None,
+        moe_bbox_head=dict(
+            router=dict(
+                type='HierarchicalRouter',
+                num_experts=8,
+                top_k=2,
+                num_groups=4,
+                scene_top_k=2),
+            loss_balance=dict(
+                type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
+            loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))

@@ -1,0 +1,22 @@
+# HI-MoE Cascade R-CNN R50-FPN 1x on COCO: the stock config with the RoI head swapped. Each of
+# the 3 stages keeps its stock bbox head settings (box coder, losses) and turns its two fc
+# layers into its own 8 experts in 4 groups (2 groups per image, top-2 per RoI).
+_base_ = 'mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+
+model = dict(
+    roi_head=dict(
+        type='InstanceMoECascadeRoIHead',
+        stats_period=50,
+        route_once=None,
+        moe_bbox_head=dict(
+            router=dict(
+                type='HierarchicalRouter',
+                num_experts=8,
+                top_k=2,
+                num_groups=4,
+                scene_top_k=2),
+            loss_balance=dict(
+                type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
+            loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))
