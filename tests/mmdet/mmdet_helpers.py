@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from mmengine.config import Config
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / 'configs' / 'mmdet' / 'aquarium'
 HIMOE_CONFIG = CONFIG_DIR / 'himoe-faster-rcnn_r18_fpn_aquarium_cpu.py'
@@ -66,3 +68,24 @@ def dist_train_two_ranks(config: Path, work_dir: Path, probe_dir: Path, data_roo
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return [json.loads((probe_dir / f'rank{r}.json').read_text()) for r in (0, 1)]
+
+
+def without_scope(value):
+    """``value`` without the ``_scope_`` keys that ``mmdet::`` inheritance adds."""
+    if isinstance(value, dict):
+        return {k: without_scope(v) for k, v in value.items() if k != '_scope_'}
+    if isinstance(value, (list, tuple)):
+        return type(value)(without_scope(v) for v in value)
+    return value
+
+
+def mmdet_stock_config(relative: str):
+    """Path of one of mmdet's own configs, e.g. ``faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py``."""
+    return mmdet_tools_dir().parent / 'configs' / relative
+
+
+def without_roi_head(cfg: Config) -> dict:
+    settings = without_scope(cfg.to_dict())
+    settings['model'].pop('roi_head')
+    settings.pop('custom_imports', None)
+    return settings

@@ -5,7 +5,8 @@ import time
 
 import torch
 from mmdet.registry import MODELS
-from mmdet_helpers import DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_tools_dir, subprocess_env
+from mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_stock_config,
+                           subprocess_env, without_roi_head, without_scope)
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
@@ -15,24 +16,8 @@ import himoe_plugin.mmdet  # noqa: F401  (registers the modules)
 COCO_CONFIG = REPO_ROOT / 'configs/mmdet/himoe-faster-rcnn_r50_fpn_1x_coco.py'
 
 
-def without_scope(value):
-    """``value`` without the ``_scope_`` keys that ``mmdet::`` inheritance adds."""
-    if isinstance(value, dict):
-        return {k: without_scope(v) for k, v in value.items() if k != '_scope_'}
-    if isinstance(value, (list, tuple)):
-        return type(value)(without_scope(v) for v in value)
-    return value
-
-
-def without_roi_head(cfg: Config) -> dict:
-    settings = without_scope(cfg.to_dict())
-    settings['model'].pop('roi_head')
-    settings.pop('custom_imports', None)
-    return settings
-
-
 def test_coco_config_is_the_stock_one_with_the_roi_head_swapped():
-    stock_path = mmdet_tools_dir().parent / 'configs/faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+    stock_path = mmdet_stock_config('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
     himoe, stock = Config.fromfile(str(COCO_CONFIG)), Config.fromfile(str(stock_path))
     assert without_roi_head(himoe) == without_roi_head(stock)
     assert himoe.custom_imports.imports == ['himoe_plugin.mmdet']
