@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .experts import MoEMLP
+from .block import MoEBlock
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,14 @@ class ParameterCount:
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Total and active parameters of ``model``; every module holding an ``MoEMLP`` as ``moe``
-    and its ``MoEConfig`` as ``moe_config`` is one MoE layer."""
+    """Total and active parameters of ``model``; every ``MoEBlock`` is one MoE layer."""
     total = sum(p.numel() for p in model.parameters())
     experts = inactive = 0
-    for module in model.modules():
-        moe = getattr(module, "moe", None)
-        if not isinstance(moe, MoEMLP):
+    for block in model.modules():
+        if not isinstance(block, MoEBlock):
             continue
-        num_experts = moe.experts.num_experts
-        per_expert = sum(p.numel() for p in moe.experts.parameters()) // num_experts
+        num_experts = block.config.num_experts
+        per_expert = sum(p.numel() for p in block.moe.experts.parameters()) // num_experts
         experts += per_expert * num_experts
-        inactive += per_expert * (num_experts - module.moe_config.top_k)
+        inactive += per_expert * (num_experts - block.config.top_k)
     return ParameterCount(total=total, active=total - inactive, experts=experts)

@@ -35,6 +35,6 @@ def test_analyze_model_tool_reports_parameters_flops_and_structure(registered, t
     assert reported, log[-3000:]
     assert float(reported.group(1)) == round(count.total / 1e6, 2)
     assert float(reported.group(2)) == round(count.active / 1e6, 2)
-    assert "roi_heads.box_head.moe.experts" in log  # parameter table
+    assert "roi_heads.box_head.moe_block.moe.experts" in log  # parameter table
     assert re.search(r"Total GFlops: [\d.]+", log)
-    assert "(moe): MoEMLP" in log  # structure
+    assert "(moe_block): MoEBlock" in log  # structure
