@@ -92,6 +92,7 @@ class MoEBlock(nn.Module):
         scene_targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         counted: Optional[torch.Tensor] = None,
         scene: Optional[SceneRouting] = None,
+        routing: Optional[Routing] = None,
     ) -> Tuple[torch.Tensor, Routing]:
         """Route every instance and run only its top-k experts.
 
@@ -104,9 +105,14 @@ class MoEBlock(nn.Module):
             counted: optional (N,) bool, instances that enter balance losses and statistics
                 (all are routed and computed).
             scene: a scene routing to reuse instead of routing ``scene_features``.
+            routing: the whole routing of these N instances, computed by another block (e.g.
+                stage 0 of a cascade that routes once): the experts run on it and this block
+                routes nothing; its losses and statistics belong to the block that routed.
         Returns:
             (N, dims[-1]) outputs and the ``Routing`` (``losses`` in training).
         """
+        if routing is not None:
+            return self.moe(x, routing.plan), routing
         routing = self.router(
             scene_features,
             x if router_input is None else router_input,

@@ -72,6 +72,30 @@ class Routing:
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     statistics: Dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def select(self, rows: torch.Tensor) -> "Routing":
+        """The routing of the instances ``rows`` (M,) long, in that order, with its own dispatch
+        plan: e.g. the RoIs a cascade stage keeps of the previous stage's. Assignments the
+        capacity limit dropped keep weight 0; losses and statistics stay with this routing."""
+        expert_index = self.expert_index[rows]
+        combine_weight = self.combine_weight[rows]
+        plan = build_dispatch_plan(
+            expert_index, combine_weight, combine_weight, self.plan.num_experts, capacity=0
+        )
+        return Routing(
+            expert_index=expert_index,
+            combine_weight=combine_weight,
+            instance_probs=self.instance_probs[rows],
+            scene_probs=self.scene_probs,
+            scene_groups=self.scene_groups,
+            eligible=self.eligible,
+            plan=plan,
+            scene=self.scene,
+        )
+
+
+#: What a router can take from another router instead of computing it (``reuse_routing``).
+REUSABLE_PARTS = ("scene", "all")
+
 
 class HierarchicalRouter(nn.Module):
     """Scene router over pooled image features + instance router over per-instance features.
@@ -117,7 +141,30 @@ class HierarchicalRouter(nn.Module):
             persistent=False,
         )
         self.register_buffer("num_groups", torch.tensor(config.groups), persistent=True)
+        self.reused = ""
         self.reset_parameters()
+
+    def reuse_routing(self, part: str) -> None:
+        """Take ``part`` of every routing from another router instead of computing it, and drop
+        the modules that would compute it (they would otherwise sit unused, which DDP rejects).
+
+        ``'scene'``: the scene subsets come from ``forward(scene=...)``; this router keeps its
+        instance router. ``'all'``: the owning ``MoEBlock`` is always given the whole
+        ``Routing`` and never calls this router. Used by the later stages of a cascade that
+        routes once (stage 0 routes, later stages reuse).
+        """
+        if part not in REUSABLE_PARTS:
+            raise ValueError(f"reuse_routing: part={part!r}, expected one of {REUSABLE_PARTS}")
+        self.scene_router = None
+        if part == "all":
+            self.instance_router = self.instance_norm = None
+        self.reused = part
+
+    def _reused_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"this router reuses the {self.reused} routing of another one (reuse_routing): "
+            "pass that routing in (scene=... to the router, routing=... to its MoEBlock)"
+        )
 
     def reset_parameters(self) -> None:
         """Near-neutral start: logits of std ~0.1 on normalised inputs, zero bias."""
@@ -128,6 +175,8 @@ class HierarchicalRouter(nn.Module):
 
     def route_scene(self, scene_features: torch.Tensor) -> SceneRouting:
         """(B, C_scene) pooled image features -> the scene subsets of the B images."""
+        if self.reused:
+            raise self._reused_error()
         cfg = self.config
         with torch.autocast(device_type=scene_features.device.type, enabled=False):
             logits = _linear_fp32(self.scene_router, self.scene_norm(scene_features.float()))
@@ -166,6 +215,8 @@ class HierarchicalRouter(nn.Module):
                 so this one adds only instance-level ones.
         """
         cfg = self.config
+        if self.reused == "all":
+            raise self._reused_error()
         owns_scene = scene is None
         if owns_scene:
             scene = self.route_scene(scene_features)
