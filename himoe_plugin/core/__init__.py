@@ -1,7 +1,7 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
 from .analysis import ParameterCount, count_parameters
 from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics
-from .config import MoEConfig, MoEConfigError, check_contiguous_layers
+from .config import ROUTE_ONCE_MODES, MoEConfig, MoEConfigError, check_contiguous_layers, check_route_once
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
 from .losses import (
@@ -33,6 +33,8 @@ __all__ = [
     "MoEConfig",
     "MoEConfigError",
     "check_contiguous_layers",
+    "ROUTE_ONCE_MODES",
+    "check_route_once",
     "DispatchPlan",
     "build_dispatch_plan",
     "DenseMLP",

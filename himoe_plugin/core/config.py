@@ -20,6 +20,20 @@ class MoEConfigError(ValueError):
         return MoEConfigError(key_of(self.key), self.value, self.reason)
 
 
+#: ``route_once`` of cascade ROI heads: ``""`` every stage routes its RoIs itself; ``"scene"``
+#: the later stages reuse stage 0's scene subsets; ``"instance"`` they reuse its whole routing
+#: (each RoI keeps its experts through the stage-wise box refinement).
+ROUTE_ONCE_MODES = ("", "scene", "instance")
+
+
+def check_route_once(value: Any, key: str) -> str:
+    """``value`` as one of ``ROUTE_ONCE_MODES`` (None means ``""``); errors name ``key``."""
+    mode = "" if value is None else value
+    if mode not in ROUTE_ONCE_MODES:
+        raise MoEConfigError(key, value, f"must be one of {ROUTE_ONCE_MODES} (or None for '')")
+    return mode
+
+
 def check_contiguous_layers(layers: Sequence[int], num_layers: int, key: str) -> None:
     """The expert block must be a non-empty, increasing, contiguous run of existing fc layers
     (0-based indices into ``num_layers``); errors name ``key``."""

@@ -93,8 +93,9 @@ class Routing:
         )
 
 
-#: What a router can take from another router instead of computing it (``reuse_routing``).
-REUSABLE_PARTS = ("scene", "all")
+#: What a router can take from another router instead of computing it (``reuse_routing``): the
+#: scene subsets, or the whole routing of every instance (its scene subset and its experts).
+REUSABLE_PARTS = ("scene", "instance")
 
 
 class HierarchicalRouter(nn.Module):
@@ -149,14 +150,14 @@ class HierarchicalRouter(nn.Module):
         the modules that would compute it (they would otherwise sit unused, which DDP rejects).
 
         ``'scene'``: the scene subsets come from ``forward(scene=...)``; this router keeps its
-        instance router. ``'all'``: the owning ``MoEBlock`` is always given the whole
+        instance router. ``'instance'``: the owning ``MoEBlock`` is always given the whole
         ``Routing`` and never calls this router. Used by the later stages of a cascade that
         routes once (stage 0 routes, later stages reuse).
         """
         if part not in REUSABLE_PARTS:
             raise ValueError(f"reuse_routing: part={part!r}, expected one of {REUSABLE_PARTS}")
         self.scene_router = None
-        if part == "all":
+        if part == "instance":
             self.instance_router = self.instance_norm = None
         self.reused = part
 
@@ -215,7 +216,7 @@ class HierarchicalRouter(nn.Module):
                 so this one adds only instance-level ones.
         """
         cfg = self.config
-        if self.reused == "all":
+        if self.reused == "instance":
             raise self._reused_error()
         owns_scene = scene is None
         if owns_scene:

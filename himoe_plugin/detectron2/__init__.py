@@ -1,6 +1,7 @@
-"""Detectron2 adapter: ``InstanceMoEROIHead`` and ``MoEConvFCBoxHead`` on top of the core.
+"""Detectron2 adapter: ``InstanceMoEROIHead``, ``InstanceMoECascadeROIHeads`` and
+``MoEConvFCBoxHead`` on top of the core.
 
-Importing this package registers both in Detectron2's registries.
+Importing this package registers them in Detectron2's registries.
 """
 try:
     import detectron2  # noqa: F401
@@ -11,6 +12,7 @@ except ImportError as err:  # pragma: no cover - exercised only without detectro
     ) from err
 
 from .box_head import MoEConvFCBoxHead
+from .cascade import InstanceMoECascadeROIHeads
 from .config import HIMoECfgNode, add_himoe_config, get_himoe_cfg, moe_config_from_cfg
 from .data import register_bundled_datasets, register_coco_dataset
 from .roi_heads import InstanceMoEROIHead
@@ -18,6 +20,7 @@ from .roi_heads import InstanceMoEROIHead
 __all__ = [
     "MoEConvFCBoxHead",
     "InstanceMoEROIHead",
+    "InstanceMoECascadeROIHeads",
     "HIMoECfgNode",
     "add_himoe_config",
     "get_himoe_cfg",

@@ -13,7 +13,7 @@ from fvcore.nn import weight_init
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import HierarchicalRouter, MoEBlock, MoEConfig, Routing, check_contiguous_layers
+from ..core import HierarchicalRouter, MoEBlock, MoEConfig, Routing, SceneRouting, check_contiguous_layers
 from .config import check_head_settings, himoe_key, moe_config_from_cfg, validate_himoe_cfg
 
 #: How errors name ``moe_config`` fields given as a mapping (LazyConfig).
@@ -163,13 +163,17 @@ class MoEConvFCBoxHead(nn.Module):
         scene_features: torch.Tensor,
         image_index: torch.Tensor,
         scene_targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        scene: Optional[SceneRouting] = None,
+        routing: Optional[Routing] = None,
     ) -> Tuple[torch.Tensor, Routing]:
         """
         Args:
             x: (N, C, H, W) pooled RoI features of all images.
-            scene_features: (B, C_scene) pooled image features.
+            scene_features: (B, C_scene) pooled image features (None with ``scene``/``routing``).
             image_index: (N,) image of each RoI.
             scene_targets: optional super-class targets for the scene router.
+            scene / routing: the scene routing, or the whole routing of these RoIs, to reuse
+                (computed by an earlier cascade stage, see ``MoEBlock.forward``).
         Returns:
             (N, fc_dims[-1]) box features and the ``Routing`` (losses, statistics).
         """
@@ -180,7 +184,8 @@ class MoEConvFCBoxHead(nn.Module):
         for fc in self.fcs_before:
             x = F.relu(fc(x))
         x, routing = self.moe_block(
-            x, scene_features, image_index, router_input=router_input, scene_targets=scene_targets
+            x, scene_features, image_index, router_input=router_input, scene_targets=scene_targets,
+            scene=scene, routing=routing,
         )
         for fc in self.fcs_after:
             x = F.relu(fc(x))

@@ -16,7 +16,7 @@ from detectron2.modeling.roi_heads import (
     StandardROIHeads,
 )
 
-from ..core import MoEConfig, MoEConfigError, check_contiguous_layers
+from ..core import MoEConfig, MoEConfigError, check_contiguous_layers, check_route_once
 
 MODEL_ZOO_PREFIX = "model_zoo://"
 
@@ -36,6 +36,10 @@ def add_himoe_config(cfg: CfgNode) -> None:
     _C.MODEL.HIMOE.SCENE_IN_FEATURES = []
     # Write routing statistics to the EventStorage every this many training iterations.
     _C.MODEL.HIMOE.STATS_PERIOD = 20
+    # Cascade ROI heads (InstanceMoECascadeROIHeads) only: "" every stage routes its RoIs itself;
+    # "scene": stage 0's scene subsets are reused by the later stages; "instance": stage 0's whole
+    # routing is, every RoI keeping its experts through the stage-wise box refinement.
+    _C.MODEL.HIMOE.ROUTE_ONCE = ""
     # Relative std of the noise added to experts upcycled from a dense checkpoint.
     _C.MODEL.HIMOE.UPCYCLE_NOISE_STD = 0.0
 
@@ -78,6 +82,12 @@ def validate_himoe_cfg(cfg: CfgNode) -> None:
         {name: node[name.upper()] for name in ("expert_dim", "upcycle_noise_std", "stats_period")},
         key_of=himoe_key,
     )
+    if check_route_once(node.ROUTE_ONCE, himoe_key("route_once")) and not _is_cascade(cfg.MODEL.ROI_HEADS.NAME):
+        raise MoEConfigError(
+            himoe_key("route_once"), node.ROUTE_ONCE,
+            f"only cascade ROI heads route once and reuse it in later stages; "
+            f"MODEL.ROI_HEADS.NAME={cfg.MODEL.ROI_HEADS.NAME!r} has one stage: set it to ''",
+        )
 
 
 def check_roi_heads_family(cfg: CfgNode) -> None:

@@ -5,26 +5,17 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
-from detectron2.utils.events import get_event_storage
 
-from ..core import (
-    MoEConfigError,
-    collect_routing_statistics,
-    groups_of_supercategories,
-    masked_mean_pool,
-    read_coco_supercategories,
-    scene_targets_from_labels,
-)
-from .box_head import MoEConvFCBoxHead
-from .config import check_head_settings, himoe_key, moe_config_from_cfg
+from .scene_routing import SceneRoutedROIHeads, check_moe_box_head, supercategory_groups
+
+__all__ = ["InstanceMoEROIHead", "supercategory_groups"]
 
 
 @ROI_HEADS_REGISTRY.register()
-class InstanceMoEROIHead(StandardROIHeads):
+class InstanceMoEROIHead(SceneRoutedROIHeads, StandardROIHeads):
     """Faster/Mask R-CNN ROI heads with a hierarchical instance-conditioned MoE box head.
 
     The scene router sees each image's masked mean-pooled ``scene_in_features``; the instance
@@ -33,9 +24,6 @@ class InstanceMoEROIHead(StandardROIHeads):
     (``himoe/*``) to the EventStorage every ``stats_period`` iterations. Inference output is
     exactly the stock ``Instances``.
     """
-
-    #: Gives its box head the scene features and the image of every RoI (see ``needs_moe_roi_heads``).
-    feeds_moe_box_head = True
 
     @configurable
     def __init__(
@@ -49,64 +37,22 @@ class InstanceMoEROIHead(StandardROIHeads):
     ):
         """
         Args:
-            scene_in_features: feature maps the scene router pools (e.g. FPN levels).
-            scene_strides: their strides w.r.t. the input image.
-            class_to_group: for super-class supervision of the scene router, the expert
-                group (supercategory index) of every class; None disables it.
-            stats_period: write statistics to the EventStorage every this many iterations.
+            scene_in_features, scene_strides, class_to_group, stats_period: see
+                ``SceneRoutedROIHeads._init_scene_routing``.
             kwargs: everything ``StandardROIHeads`` takes; ``box_head`` must be a
                 ``MoEConvFCBoxHead``.
         """
         super().__init__(**kwargs)
-        _check_box_head(self.box_head)
-        check_head_settings({"stats_period": stats_period}, key_of=str)
-        if len(scene_in_features) != len(scene_strides) or not scene_in_features:
-            raise ValueError(
-                f"scene_in_features={list(scene_in_features)} and scene_strides="
-                f"{list(scene_strides)} must be non-empty and of equal length"
-            )
-        self.scene_in_features = list(scene_in_features)
-        self.scene_strides = [int(s) for s in scene_strides]
-        self.stats_period = stats_period
-        if class_to_group is None and self.box_head.moe_config.scene_supervision_weight > 0:
-            raise MoEConfigError(
-                himoe_key("scene_supervision_weight"),
-                self.box_head.moe_config.scene_supervision_weight,
-                "super-class supervision needs class_to_group (the expert group of every class): "
-                "yaml configs derive it from DATASETS.TRAIN; with LazyConfig pass "
-                "use_himoe_roi_heads(..., supervision_datasets=[...]), or set the weight to 0",
-            )
-        if class_to_group is not None:
-            self.register_buffer(
-                "class_to_group", torch.as_tensor(list(class_to_group), dtype=torch.long), persistent=False
-            )
-        else:
-            self.class_to_group = None
+        check_moe_box_head(self.box_head, "InstanceMoEROIHead")
+        self._init_scene_routing(
+            self.box_head.moe_config, scene_in_features, scene_strides, class_to_group, stats_period
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         ret = super().from_config(cfg, input_shape)
-        moe_config = moe_config_from_cfg(cfg)
-        _check_box_head(ret["box_head"])
-        scene_in = list(cfg.MODEL.HIMOE.SCENE_IN_FEATURES) or list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-        box_channels = ret["box_head"].moe_block.router.scene_router.in_features
-        for name in scene_in:
-            if name not in input_shape:
-                raise MoEConfigError(
-                    himoe_key("scene_in_features"), scene_in, f"no feature map '{name}'; "
-                    f"the backbone gives {sorted(input_shape)}"
-                )
-            if input_shape[name].channels != box_channels:
-                raise MoEConfigError(
-                    himoe_key("scene_in_features"), scene_in,
-                    f"'{name}' has {input_shape[name].channels} channels, the box features "
-                    f"{box_channels}",
-                )
-        ret["scene_in_features"] = scene_in
-        ret["scene_strides"] = [input_shape[name].stride for name in scene_in]
-        ret["stats_period"] = cfg.MODEL.HIMOE.STATS_PERIOD
-        if moe_config.scene_supervision_weight > 0:
-            ret["class_to_group"] = supercategory_groups(cfg.DATASETS.TRAIN, moe_config.groups)
+        check_moe_box_head(ret["box_head"], "InstanceMoEROIHead")
+        ret.update(cls.scene_routing_from_cfg(cfg, input_shape, ret["box_head"]))
         return ret
 
     def forward(
@@ -120,11 +66,7 @@ class InstanceMoEROIHead(StandardROIHeads):
         if not self.training:
             return super().forward(images, features, proposals, targets)
         assert targets, "'targets' argument is required during training"
-        scene_targets = None
-        if self.class_to_group is not None:
-            scene_targets = scene_targets_from_labels(
-                [t.gt_classes for t in targets], self.class_to_group, self.box_head.moe_config.groups
-            )
+        scene_targets = self.scene_targets(targets)
         proposals = self.label_and_sample_proposals(proposals, targets)
         losses = self._forward_box(features, proposals, scene_targets)
         losses.update(self._forward_mask(features, proposals))
@@ -132,11 +74,7 @@ class InstanceMoEROIHead(StandardROIHeads):
         return proposals, losses
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances], scene_targets=None):
-        scene_features = masked_mean_pool(
-            [features[f] for f in self.scene_in_features],
-            self.scene_strides,
-            [p.image_size for p in proposals],
-        )
+        scene_features = self.pool_scene_features(features, proposals)
         box_features = self.box_pooler(
             [features[f] for f in self.box_in_features], [p.proposal_boxes for p in proposals]
         )
@@ -159,53 +97,3 @@ class InstanceMoEROIHead(StandardROIHeads):
                 for proposals_per_image, pred_boxes_per_image in zip(proposals, pred_boxes):
                     proposals_per_image.proposal_boxes = Boxes(pred_boxes_per_image)
         return losses
-
-    def _log_routing(self) -> None:
-        """Once per period, write the mean routing statistics (accumulated on device by the
-        box head's MoE block) to the EventStorage."""
-        storage = get_event_storage()
-        if (storage.iter + 1) % self.stats_period == 0:
-            storage.put_scalars(**collect_routing_statistics(self), smoothing_hint=False)
-
-
-def _check_box_head(box_head) -> None:
-    if not isinstance(box_head, MoEConvFCBoxHead):
-        raise TypeError(
-            "InstanceMoEROIHead needs MODEL.ROI_BOX_HEAD.NAME='MoEConvFCBoxHead' (box_head), "
-            f"got {type(box_head).__name__}"
-        )
-
-
-def supercategory_groups(dataset_names: Sequence[str], num_groups: int) -> List[int]:
-    """Group index (sorted supercategory name) of every contiguous class id of the datasets."""
-    key = himoe_key("scene_supervision_weight")
-    if not dataset_names:
-        raise MoEConfigError(key, "DATASETS.TRAIN is empty", "needs a training dataset with supercategories")
-    supercategories = None
-    for name in dataset_names:
-        found = _thing_supercategories(name)
-        if found is None:
-            raise MoEConfigError(
-                key, name,
-                "the dataset has no category supercategories: register it with "
-                "himoe_plugin.detectron2.register_coco_dataset (or set metadata "
-                "'thing_supercategories'), or set the weight to 0",
-            )
-        if supercategories is not None and found != supercategories:
-            raise MoEConfigError(key, list(dataset_names), "the datasets' supercategories differ")
-        supercategories = found
-    return groups_of_supercategories(supercategories, num_groups, himoe_key("num_groups"))
-
-
-def _thing_supercategories(dataset_name: str) -> Optional[List[str]]:
-    metadata = MetadataCatalog.get(dataset_name)
-    found = getattr(metadata, "thing_supercategories", None)
-    if found is not None:
-        return list(found)
-    json_file = getattr(metadata, "json_file", None)
-    if json_file is None:
-        return None
-    try:
-        return read_coco_supercategories(json_file)
-    except ValueError:
-        return None

@@ -30,7 +30,7 @@ def test_scene_reusing_router_has_no_scene_router_and_routes_inside_the_given_su
 
 def test_block_reusing_the_whole_routing_runs_its_experts_on_it_and_records_nothing():
     first, later = make_block(seed=0).train(), make_block(seed=1).train()
-    later.router.reuse_routing("all")
+    later.router.reuse_routing("instance")
     assert names(later.router) == set()
     scene, x, image_index = batch()
     _, routing = first(x, scene, image_index)
@@ -38,7 +38,7 @@ def test_block_reusing_the_whole_routing_runs_its_experts_on_it_and_records_noth
     assert same is routing
     torch.testing.assert_close(y, later.moe(x, routing.plan))
     assert later.statistics.steps == 0  # the statistics belong to the block that routed
-    with pytest.raises(RuntimeError, match=r"reuses the all routing .* routing=\.\.\."):
+    with pytest.raises(RuntimeError, match=r"reuses the instance routing .* routing=\.\.\."):
         later(x, scene, image_index)
 
 
@@ -58,7 +58,7 @@ def test_routing_of_a_subset_of_instances_gives_those_instances_the_same_outputs
 
 def test_later_layers_train_the_router_that_routed_once():
     first, later = make_block(seed=0).train(), make_block(seed=1).train()
-    later.router.reuse_routing("all")
+    later.router.reuse_routing("instance")
     scene, x, image_index = batch()
     _, routing = first(x, scene, image_index)
     rows = torch.arange(0, len(x), 2)
@@ -70,5 +70,5 @@ def test_later_layers_train_the_router_that_routed_once():
 
 
 def test_unknown_part_is_rejected():
-    with pytest.raises(ValueError, match=r"part='instances', expected one of \('scene', 'all'\)"):
+    with pytest.raises(ValueError, match=r"part='instances', expected one of \('scene', 'instance'\)"):
         make_block().router.reuse_routing("instances")
