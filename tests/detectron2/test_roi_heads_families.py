@@ -76,7 +76,7 @@ def test_lazyconfig_helper_follows_the_lsj_4conv1fc_head():
     head = built.roi_heads.box_head
     assert isinstance(head, MoEConvFCBoxHead) and head.moe_fc_layers == [0]
     assert len(head.convs) == 4 and not head.fcs_before and not head.fcs_after
-    assert head.moe.experts.weights[0].shape == (4, 1024, 256 * 7 * 7)
+    assert head.moe_block.moe.experts.weights[0].shape == (4, 1024, 256 * 7 * 7)
     image = torch.randint(0, 255, (3, 192, 256), generator=torch.Generator().manual_seed(0)).float()
     built.roi_heads.box_predictor.test_score_thresh = 0.0
     with torch.no_grad():
