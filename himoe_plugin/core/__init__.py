@@ -4,6 +4,7 @@ from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics
 from .config import ROUTE_ONCE_MODES, MoEConfig, MoEConfigError, check_contiguous_layers, check_route_once
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
+from .guards import require_routing_inputs
 from .losses import (
     groups_of_supercategories,
     read_coco_supercategories,
@@ -37,6 +38,7 @@ __all__ = [
     "check_route_once",
     "DispatchPlan",
     "build_dispatch_plan",
+    "require_routing_inputs",
     "DenseMLP",
     "MoEMLP",
     "StackedMLPExperts",

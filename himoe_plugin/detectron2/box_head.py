@@ -13,7 +13,16 @@ from fvcore.nn import weight_init
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import HierarchicalRouter, MoEBlock, MoEConfig, Routing, SceneRouting, check_contiguous_layers
+from ..core import (
+    HierarchicalRouter,
+    MoEBlock,
+    MoEConfig,
+    MoEConfigError,
+    Routing,
+    SceneRouting,
+    check_contiguous_layers,
+    require_routing_inputs,
+)
 from .config import check_head_settings, himoe_key, moe_config_from_cfg, validate_himoe_cfg
 
 #: How errors name ``moe_config`` fields given as a mapping (LazyConfig).
@@ -66,6 +75,7 @@ class MoEConvFCBoxHead(nn.Module):
             upcycle_noise_std: relative noise added to experts upcycled from a dense checkpoint.
         """
         super().__init__()
+        require_routing_inputs(self, _unfed_error)
         key_of = himoe_key
         if isinstance(moe_config, Mapping):
             key_of = LAZY_MOE_KEY.format
@@ -207,3 +217,12 @@ class MoEConvFCBoxHead(nn.Module):
             logger.info("upcycled the dense box head into experts:\n  %s", "\n  ".join(report))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+
+def _unfed_error() -> MoEConfigError:
+    return MoEConfigError(
+        "box_head", "MoEConvFCBoxHead",
+        "an HI-MoE box head runs only under HI-MoE ROI heads (InstanceMoEROIHead, or "
+        "InstanceMoECascadeROIHeads for cascades; yaml: MODEL.ROI_HEADS.NAME), which give it the "
+        "scene features and the image of every RoI; this model's ROI heads call it with the RoI "
+        "features only",
+    )

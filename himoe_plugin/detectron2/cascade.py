@@ -84,7 +84,7 @@ class InstanceMoECascadeROIHeads(SceneRoutedROIHeads, CascadeROIHeads):
                 )
             if stage > 0 and self.route_once:
                 box_head.moe_block.router.reuse_routing(self.route_once)
-        self._init_scene_routing(first, scene_in_features, scene_strides, class_to_group, stats_period)
+        self._init_scene_routing(list(self.box_head), scene_in_features, scene_strides, class_to_group, stats_period)
         self._routing: Optional[CascadeRouting] = None
 
     @classmethod

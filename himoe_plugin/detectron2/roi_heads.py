@@ -44,9 +44,7 @@ class InstanceMoEROIHead(SceneRoutedROIHeads, StandardROIHeads):
         """
         super().__init__(**kwargs)
         check_moe_box_head(self.box_head, "InstanceMoEROIHead")
-        self._init_scene_routing(
-            self.box_head.moe_config, scene_in_features, scene_strides, class_to_group, stats_period
-        )
+        self._init_scene_routing([self.box_head], scene_in_features, scene_strides, class_to_group, stats_period)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):

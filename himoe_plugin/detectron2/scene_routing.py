@@ -11,7 +11,6 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
 from ..core import (
-    MoEConfig,
     MoEConfigError,
     collect_routing_statistics,
     groups_of_supercategories,
@@ -33,7 +32,7 @@ class SceneRoutedROIHeads:
 
     def _init_scene_routing(
         self,
-        moe_config: MoEConfig,
+        box_heads: Sequence[MoEConvFCBoxHead],
         scene_in_features: Sequence[str],
         scene_strides: Sequence[int],
         class_to_group: Optional[Sequence[int]],
@@ -41,7 +40,8 @@ class SceneRoutedROIHeads:
     ) -> None:
         """
         Args:
-            moe_config: the settings of the (first) box head's router.
+            box_heads: the HI-MoE box heads these ROI heads feed (the first one's router
+                settings define the scene groups).
             scene_in_features: feature maps the scene router pools (e.g. FPN levels).
             scene_strides: their strides w.r.t. the input image.
             class_to_group: for super-class supervision of the scene router, the expert
@@ -49,6 +49,7 @@ class SceneRoutedROIHeads:
             stats_period: write statistics to the EventStorage every this many iterations.
         """
         check_head_settings({"stats_period": stats_period}, key_of=str)
+        moe_config = box_heads[0].moe_config
         if len(scene_in_features) != len(scene_strides) or not scene_in_features:
             raise ValueError(
                 f"scene_in_features={list(scene_in_features)} and scene_strides="

@@ -6,6 +6,8 @@ from d2_helpers import CONFIGS, HIMOE_YAML, small_cfg
 from detectron2 import model_zoo
 from detectron2.config import instantiate
 from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.structures import Boxes, Instances
 
 from himoe_plugin.core import MoEConfigError
 from himoe_plugin.detectron2 import MoEConvFCBoxHead, get_himoe_cfg
@@ -88,3 +90,21 @@ def test_lazyconfig_helper_rejects_expert_layers_the_head_does_not_have():
     model = model_zoo.get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py").model
     with pytest.raises(MoEConfigError, match=r"moe_fc_layers=\[0, 1\]: the box head has fc layers 0\.\.0"):
         use_himoe_roi_heads(model, moe_fc_layers=[0, 1])
+
+
+def test_lazyconfig_moe_box_head_under_stock_roi_heads_fails_naming_what_to_set():
+    """No build-time view of the parent in a LazyConfig: the first call fails, before any
+    routing, instead of a TypeError about missing arguments."""
+    model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    model.roi_heads.mask_in_features = model.roi_heads.mask_pooler = model.roi_heads.mask_head = None
+    use_himoe_roi_heads(model, num_experts=4, top_k=1, num_groups=2, scene_top_k=1)
+    model.roi_heads._target_ = StandardROIHeads  # as a hand-edited config might leave it
+    for key in ("scene_in_features", "scene_strides", "stats_period"):
+        del model.roi_heads[key]
+    heads = instantiate(model.roi_heads).eval()
+    features = {f"p{i}": torch.randn(1, 256, 64 // 2 ** (i - 2), 64 // 2 ** (i - 2)) for i in range(2, 7)}
+    proposals = Instances((256, 256), proposal_boxes=Boxes(torch.tensor([[10., 10., 90., 120.]])),
+                          objectness_logits=torch.zeros(1))
+    with pytest.raises(MoEConfigError, match=r"box_head='MoEConvFCBoxHead': an HI-MoE box head runs "
+                                             r"only under HI-MoE ROI heads .*RoI features only"):
+        heads(None, features, [proposals])
