@@ -16,6 +16,7 @@ except ImportError as err:  # pragma: no cover - exercised only without MMDetect
     ) from err
 
 from .bbox_head import MoEConvFCBBoxHead, MoEShared2FCBBoxHead
+from .cascade_roi_head import InstanceMoECascadeRoIHead
 from .checkpoint import allow_mmengine_checkpoint_globals
 from .detr import HIMoEDETR, HIMoEDINO, HIMoEDeformableDETR, MoEFFN
 from .hooks import SceneSupervisionHook, supercategory_groups
@@ -30,6 +31,7 @@ __all__ = [
     'HIMoEDINO',
     'HIMoEDeformableDETR',
     'HierarchicalRouter',
+    'InstanceMoECascadeRoIHead',
     'InstanceMoERoIHead',
     'LoadBalancingLoss',
     'MoEConvFCBBoxHead',

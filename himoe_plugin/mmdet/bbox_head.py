@@ -9,7 +9,8 @@ from mmdet.utils import ConfigType, OptConfigType
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from ..core import MoEBlock, MoEConfig, MoEConfigError, Routing, check_contiguous_layers
+from ..core import (MoEBlock, MoEConfig, MoEConfigError, Routing, SceneRouting,
+                    check_contiguous_layers, require_routing_inputs)
 from .moe_settings import (build_router, build_routing_losses, check_upcycle_noise,
                            routing_losses)
 
@@ -69,6 +70,7 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
                  upcycle_noise_std: float = 0.0,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        require_routing_inputs(self, _unfed_error)
         if self.num_shared_fcs < 1:
             raise MoEConfigError(f'{HEAD_KEY}.num_shared_fcs', self.num_shared_fcs,
                                  'an MoE bbox head needs at least one shared fc layer')
@@ -136,16 +138,20 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
                 x: Tensor,
                 scene_feats: Tensor,
                 image_index: Tensor,
-                scene_targets: Optional[Tuple[Tensor, Tensor]] = None
+                scene_targets: Optional[Tuple[Tensor, Tensor]] = None,
+                scene: Optional[SceneRouting] = None,
+                routing: Optional[Routing] = None,
                 ) -> Tuple[Optional[Tensor], Optional[Tensor], Routing]:
         """Route every RoI and predict.
 
         Args:
             x: (N, C, H, W) RoI features of all images.
-            scene_feats: (B, C) pooled feature of each image.
+            scene_feats: (B, C) pooled feature of each image (None with ``scene``/``routing``).
             image_index: (N,) long, image of each RoI.
             scene_targets: optional ``(targets (B, G), has_target (B,))`` super-class
                 targets of the scene router (training only).
+            scene / routing: the scene routing, or the whole routing of these RoIs, to reuse
+                (computed by an earlier cascade stage, see ``MoEBlock.forward``).
 
         Returns:
             cls_score (N, num_classes + 1), bbox_pred (N, 4 * num_classes) (or 4 if class
@@ -160,7 +166,7 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
         for fc in self.fcs_before:
             x = self.relu(fc(x))
         x, routing = self.moe_block(x, scene_feats, image_index, router_input=router_input,
-                                    scene_targets=scene_targets)
+                                    scene_targets=scene_targets, scene=scene, routing=routing)
         for fc in self.fcs_after:
             x = self.relu(fc(x))
 
@@ -212,3 +218,10 @@ class MoEShared2FCBBoxHead(MoEConvFCBBoxHead):
             fc_out_channels=fc_out_channels,
             **kwargs)
 
+
+def _unfed_error() -> MoEConfigError:
+    return MoEConfigError(
+        f'{HEAD_KEY}.type', 'an HI-MoE bbox head',
+        "it runs only under an HI-MoE RoI head (roi_head.type='InstanceMoERoIHead', or "
+        "'InstanceMoECascadeRoIHead' for cascades), which gives it the scene features and the "
+        'image of every RoI; this model\'s RoI head calls it with the RoI features only')

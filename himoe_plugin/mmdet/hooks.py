@@ -10,12 +10,13 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
 from ..core import MoEConfigError, groups_of_supercategories, read_coco_supercategories
-from .roi_head import InstanceMoERoIHead
+from .scene_routing import SceneRoutedRoIHead
 
 
 @HOOKS.register_module()
 class SceneSupervisionHook(Hook):
-    """Before training, give ``InstanceMoERoIHead`` the expert group of every class.
+    """Before training, give the HI-MoE RoI head (``InstanceMoERoIHead``,
+    ``InstanceMoECascadeRoIHead``) the expert group of every class.
 
     Groups are the supercategories (sorted by name) that the training dataset's COCO
     annotation file gives its classes; the scene router needs exactly one group per
@@ -30,9 +31,10 @@ class SceneSupervisionHook(Hook):
     def before_train(self, runner) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         roi_head = getattr(model, 'roi_head', None)
-        if not isinstance(roi_head, InstanceMoERoIHead):
-            raise TypeError('SceneSupervisionHook needs a detector with an InstanceMoERoIHead, '
-                            f'got roi_head of type {type(roi_head).__name__}')
+        if not isinstance(roi_head, SceneRoutedRoIHead):
+            raise TypeError('SceneSupervisionHook needs a detector with an HI-MoE RoI head '
+                            '(InstanceMoERoIHead, InstanceMoECascadeRoIHead), got roi_head of type '
+                            f'{type(roi_head).__name__}')
         if roi_head.class_to_group is None:
             print_log('SceneSupervisionHook: roi_head.bbox_head.loss_scene is not set, '
                       'the scene router gets no super-class targets', logger='current')
@@ -44,7 +46,7 @@ class SceneSupervisionHook(Hook):
             raise TypeError('SceneSupervisionHook reads supercategories from a COCO-format '
                             f'training dataset, got {type(dataset).__name__}')
         groups = supercategory_groups(
-            dataset.ann_file, dataset.cat_ids, roi_head.bbox_head.moe_config.groups)
+            dataset.ann_file, dataset.cat_ids, roi_head.scene_groups)
         roi_head.set_class_groups(groups)
         print_log(f'SceneSupervisionHook: class -> supercategory group {groups}',
                   logger='current')

@@ -1,11 +1,8 @@
 """``InstanceMoERoIHead``: a ``StandardRoIHead`` whose bbox head routes every RoI through HI-MoE."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-import torch
 from mmdet.models.roi_heads import StandardRoIHead
 from mmdet.models.task_modules.samplers import SamplingResult
 from mmdet.registry import MODELS
@@ -13,27 +10,17 @@ from mmdet.structures import SampleList
 from mmdet.utils import InstanceList
 from torch import Tensor
 
-from ..core import MoEConfigError, masked_mean_pool, scene_targets_from_labels
-from .bbox_head import MoEConvFCBBoxHead
+from ..core import MoEConfigError
 from .moe_settings import log_routing_statistics
+from .scene_routing import SceneRoutedRoIHead
 
-
-@dataclass
-class SceneInputs:
-    """What the scene router needs besides the feature maps, for one batch.
-
-    Attributes:
-        image_shapes: B pairs (h, w), each image's size before batch padding.
-        targets: optional ``(targets (B, G), has_target (B,))`` super-class targets.
-    """
-
-    image_shapes: List[Tuple[int, int]]
-    targets: Optional[Tuple[Tensor, Tensor]] = None
+#: Settings only cascade RoI heads take: given to ``InstanceMoERoIHead``, stages would be lost.
+CASCADE_SETTINGS = ('num_stages', 'stage_loss_weights')
 
 
 @MODELS.register_module()
-class InstanceMoERoIHead(StandardRoIHead):
-    """Faster R-CNN RoI head with a hierarchical instance-conditioned MoE bbox head.
+class InstanceMoERoIHead(SceneRoutedRoIHead, StandardRoIHead):
+    """Faster/Mask R-CNN RoI head with a hierarchical instance-conditioned MoE bbox head.
 
     ``_bbox_forward`` (used by training, testing and FLOP counting) pools each image's
     neck features over its valid (unpadded) area, ``batch_img_metas[i]['img_shape']``, for
@@ -55,51 +42,16 @@ class InstanceMoERoIHead(StandardRoIHead):
                  scene_featmap_strides: Optional[Sequence[int]] = None,
                  stats_period: int = 50,
                  **kwargs) -> None:
-        super().__init__(**kwargs)
-        if not isinstance(self.bbox_head, MoEConvFCBBoxHead):
+        cascade = [key for key in CASCADE_SETTINGS if key in kwargs]
+        if cascade or isinstance(kwargs.get('bbox_head'), (list, tuple)):
             raise MoEConfigError(
-                'roi_head.bbox_head.type', type(self.bbox_head).__name__,
-                'InstanceMoERoIHead needs an MoE bbox head, e.g. MoEShared2FCBBoxHead')
-        strides = (self.bbox_roi_extractor.featmap_strides
-                   if scene_featmap_strides is None else scene_featmap_strides)
-        if not strides or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
-                              for s in strides):
-            raise MoEConfigError('roi_head.scene_featmap_strides', scene_featmap_strides,
-                                 'must be a non-empty list of positive integer strides')
-        neck_strides = list(self.bbox_roi_extractor.featmap_strides)
-        if list(strides) != neck_strides[:len(strides)]:
-            raise MoEConfigError('roi_head.scene_featmap_strides', scene_featmap_strides,
-                                 f'the scene router pools the first len(strides) neck levels, whose '
-                                 f'strides are {neck_strides[:len(strides)]} (of {neck_strides})')
-        if isinstance(stats_period, bool) or not isinstance(stats_period, int) \
-                or stats_period < 1:
-            raise MoEConfigError('roi_head.stats_period', stats_period, 'must be an integer >= 1')
-        self.scene_featmap_strides = [int(s) for s in strides]
-        self.stats_period = stats_period
-        self._scene_inputs: Optional[SceneInputs] = None
-        if self.bbox_head.scene_supervised:
-            self.register_buffer(
-                'class_to_group',
-                torch.full((self.bbox_head.num_classes,), -1, dtype=torch.long),
-                persistent=False)
-        else:
-            self.class_to_group: Optional[Tensor] = None
-        self._class_groups_set = False
-
-    def set_class_groups(self, class_to_group: Sequence[int]) -> None:
-        """Set the expert group (supercategory index) of every class, for super-class
-        supervision of the scene router (done by ``SceneSupervisionHook``)."""
-        if self.class_to_group is None:
-            raise RuntimeError('set_class_groups: the bbox head has no loss_scene entry')
-        groups = torch.as_tensor(list(class_to_group), dtype=torch.long)
-        num_groups = self.bbox_head.moe_config.groups
-        if groups.shape != self.class_to_group.shape or groups.min() < 0 \
-                or groups.max() >= num_groups:
-            raise ValueError(
-                f'class_to_group needs one group in [0, {num_groups}) for each of the '
-                f'{self.class_to_group.numel()} classes, got {groups.tolist()}')
-        self.class_to_group.copy_(groups)
-        self._class_groups_set = True
+                'roi_head.type', 'InstanceMoERoIHead',
+                f'the config is a cascade (roi_head.{cascade[0] if cascade else "bbox_head"} is '
+                "set per stage) and this head has one stage, so the others would be dropped: "
+                "use 'InstanceMoECascadeRoIHead'")
+        super().__init__(**kwargs)
+        self._init_scene_routing([self.bbox_head], self.bbox_roi_extractor.featmap_strides,
+                                 scene_featmap_strides, stats_period)
 
     def loss(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
              batch_data_samples: SampleList) -> dict:
@@ -132,18 +84,13 @@ class InstanceMoERoIHead(StandardRoIHead):
             dict with ``cls_score`` (N, num_classes + 1), ``bbox_pred`` (N, 4 * num_classes),
             ``bbox_feats`` (N, C, 7, 7) and ``routing`` (the core ``Routing``).
         """
-        scene = self._scene_inputs
-        if scene is None:
-            raise RuntimeError('InstanceMoERoIHead._bbox_forward runs inside loss(), predict() '
-                               'or forward(), which give the scene router the image shapes')
+        scene_feats = self.scene_features(x)
         bbox_feats = self.bbox_roi_extractor(x[:self.bbox_roi_extractor.num_inputs], rois)
         if self.with_shared_head:
             bbox_feats = self.shared_head(bbox_feats)
-        strides = self.scene_featmap_strides
-        scene_feats = masked_mean_pool(x[:len(strides)], strides, scene.image_shapes)
         image_index = rois[:, 0].long()
         cls_score, bbox_pred, routing = self.bbox_head(
-            bbox_feats, scene_feats, image_index, scene.targets)
+            bbox_feats, scene_feats, image_index, self._scene_inputs.targets)
         return dict(cls_score=cls_score, bbox_pred=bbox_pred, bbox_feats=bbox_feats,
                     routing=routing)
 
@@ -154,35 +101,3 @@ class InstanceMoERoIHead(StandardRoIHead):
         bbox_results['loss_bbox'].update(self.bbox_head.routing_losses(routing))
         log_routing_statistics(self, self.stats_period)
         return bbox_results
-
-    @contextmanager
-    def _scene(self,
-               batch_data_samples: Optional[SampleList],
-               with_targets: bool = False,
-               num_images: int = 0,
-               padded_shape: Optional[Sequence[int]] = None) -> Iterator[None]:
-        """Make the batch's image shapes (and super-class targets) visible to
-        ``_bbox_forward`` for the duration of one head call."""
-        if batch_data_samples is not None:
-            shapes = [tuple(s.metainfo['img_shape'][:2]) for s in batch_data_samples]
-        else:
-            stride = self.scene_featmap_strides[0]
-            shapes = [(padded_shape[0] * stride, padded_shape[1] * stride)] * num_images
-        targets = None
-        if with_targets and self.class_to_group is not None:
-            targets = self._scene_targets(batch_data_samples)
-        self._scene_inputs = SceneInputs(shapes, targets)
-        try:
-            yield
-        finally:
-            self._scene_inputs = None
-
-    def _scene_targets(self, batch_data_samples: SampleList) -> Tuple[Tensor, Tensor]:
-        if not self._class_groups_set:
-            raise RuntimeError(
-                'roi_head.bbox_head.loss_scene is set, but no class -> supercategory groups '
-                "were given: add custom_hooks=[dict(type='SceneSupervisionHook')] to the config")
-        labels = [sample.gt_instances.labels for sample in batch_data_samples]
-        return scene_targets_from_labels(
-            labels, self.class_to_group, self.bbox_head.moe_config.groups)
-

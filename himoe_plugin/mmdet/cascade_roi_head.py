@@ -1,0 +1,240 @@
+"""``InstanceMoECascadeRoIHead``: a ``CascadeRoIHead`` whose every stage has an MoE bbox head."""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from mmdet.models.roi_heads import CascadeRoIHead
+from mmdet.models.task_modules.samplers import SamplingResult
+from mmdet.registry import MODELS
+from mmdet.structures import SampleList
+from mmdet.utils import ConfigType, InstanceList, OptConfigType
+from torch import Tensor
+
+from ..core import MoEConfigError, Routing, check_route_once
+from .bbox_head import MoEConvFCBBoxHead
+from .moe_settings import log_routing_statistics
+from .scene_routing import SceneRoutedRoIHead
+
+#: Stock bbox head type -> its MoE counterpart and the arguments that make it the same head.
+MOE_COUNTERPARTS: Dict[str, Tuple[str, Dict[str, int]]] = {
+    'Shared2FCBBoxHead': ('MoEShared2FCBBoxHead', {}),
+    'Shared4Conv1FCBBoxHead': ('MoEConvFCBBoxHead', dict(
+        num_shared_convs=4, num_shared_fcs=1, num_cls_convs=0, num_cls_fcs=0, num_reg_convs=0,
+        num_reg_fcs=0)),
+    'ConvFCBBoxHead': ('MoEConvFCBBoxHead', {}),
+}
+
+
+@dataclass
+class StageRouting:
+    """The routing state of one pass through the stages.
+
+    Attributes:
+        scene_feats: (B, C) pooled image features (computed by the first stage).
+        routings: the ``Routing`` of every stage run so far.
+        rows: the rows of the previous stage's RoIs that the current stage's RoIs come from
+            (training resamples them); None: the same RoIs, in order.
+        sampling_results: the previous stage's sampling results (training).
+    """
+
+    scene_feats: Optional[Tensor] = None
+    routings: List[Routing] = field(default_factory=list)
+    rows: Optional[Tensor] = None
+    sampling_results: Optional[List[SamplingResult]] = None
+
+
+def moe_stage_heads(bbox_head: Union[ConfigType, Sequence[ConfigType]], num_stages: int,
+                    moe_bbox_head: OptConfigType) -> List[ConfigType]:
+    """The configs of the stages' bbox heads: ``moe_bbox_head`` (router, loss entries, ...)
+    under each stage's own settings (which win); stock ``Shared2FCBBoxHead`` /
+    ``Shared4Conv1FCBBoxHead`` / ``ConvFCBBoxHead`` stages become their MoE counterparts."""
+    heads = list(bbox_head) if isinstance(bbox_head, (list, tuple)) else [bbox_head] * num_stages
+    out = []
+    for stage, head in enumerate(heads):
+        name = head['type'] if isinstance(head['type'], str) else head['type'].__name__
+        registered = MODELS.get(name)
+        settings = copy.deepcopy(moe_bbox_head or {})
+        settings.update(copy.deepcopy(head))
+        if name in MOE_COUNTERPARTS:
+            if moe_bbox_head is None:
+                raise MoEConfigError(
+                    'roi_head.moe_bbox_head', None,
+                    f"stage {stage}'s bbox head is a dense {name}: give the HI-MoE settings of "
+                    'the stage bbox heads here (router, loss entries, ...), or make '
+                    'roi_head.bbox_head MoE bbox heads')
+            moe_type, same_head = MOE_COUNTERPARTS[name]
+            settings.update(same_head, type=moe_type)
+        elif registered is None or not issubclass(registered, MoEConvFCBBoxHead):
+            raise MoEConfigError(
+                f'roi_head.bbox_head[{stage}].type', name,
+                f'has no HI-MoE counterpart: use one of {sorted(MOE_COUNTERPARTS)} or an MoE bbox head')
+        out.append(settings)
+    return out
+
+
+@MODELS.register_module()
+class InstanceMoECascadeRoIHead(SceneRoutedRoIHead, CascadeRoIHead):
+    """Cascade (Mask) R-CNN RoI head whose every stage's bbox head is an MoE bbox head with its
+    own experts and router.
+
+    The scene features are pooled once per batch. ``route_once``: None every stage routes its
+    RoIs itself; ``'scene'`` the later stages route their RoIs inside stage 0's scene subsets
+    (they have no scene router); ``'instance'`` they reuse stage 0's whole routing: every RoI
+    keeps the experts (of each stage's own expert set) that stage 0 chose for the proposal it
+    was refined from (no router at all in later stages; training then needs the later stages'
+    samplers not to add ground-truth boxes as proposals, which have no stage-0 routing).
+    Training adds each stage's routing losses as ``s<k>.loss_moe_*`` (with their configured
+    weights, not scaled by ``stage_loss_weights``) and logs statistics as
+    ``train/himoe/stage<k>/*``; stages that reuse the whole routing have neither.
+
+    Args:
+        num_stages, stage_loss_weights: as ``CascadeRoIHead``.
+        bbox_head: as ``CascadeRoIHead`` (a config or one per stage).
+        moe_bbox_head: HI-MoE arguments of every stage's bbox head (``router``,
+            ``loss_balance``, ``loss_router_z``, ``moe_fc_layers``, ...; a stage's own
+            settings win); stock ConvFC-family stages become their MoE counterparts. None:
+            the stages must already be MoE heads.
+        route_once: None, ``'scene'`` or ``'instance'`` (see above).
+        scene_featmap_strides: strides of the neck levels the scene router pools (the first
+            ``len(...)`` levels); None uses the bbox RoI extractor's levels.
+        stats_period: write the mean statistics every this many training iterations.
+        **kwargs: as ``CascadeRoIHead``.
+    """
+
+    def __init__(self,
+                 num_stages: int,
+                 stage_loss_weights: Sequence[float],
+                 bbox_head: Union[ConfigType, Sequence[ConfigType]],
+                 moe_bbox_head: OptConfigType = None,
+                 route_once: Optional[str] = None,
+                 scene_featmap_strides: Optional[Sequence[int]] = None,
+                 stats_period: int = 50,
+                 **kwargs) -> None:
+        super().__init__(num_stages=num_stages, stage_loss_weights=stage_loss_weights,
+                         bbox_head=moe_stage_heads(bbox_head, num_stages, moe_bbox_head), **kwargs)
+        self._init_scene_routing(list(self.bbox_head), self.bbox_roi_extractor[0].featmap_strides,
+                                 scene_featmap_strides, stats_period)
+        self.route_once = check_route_once(route_once, 'roi_head.route_once')
+        first = self.bbox_head[0].moe_config
+        for stage, head in enumerate(self.bbox_head):
+            head.moe_block.stats_scope = f'stage{stage}'
+            config = head.moe_config
+            if self.route_once and (config.groups, config.num_experts) != (first.groups,
+                                                                           first.num_experts):
+                raise MoEConfigError(
+                    'roi_head.route_once', route_once,
+                    f'stage {stage} has {config.num_experts} experts in {config.groups} groups, '
+                    f"stage 0 {first.num_experts} in {first.groups}: reusing stage 0's routing "
+                    'needs the same')
+            if stage > 0 and self.route_once:
+                head.moe_block.router.reuse_routing(self.route_once)
+        if self.route_once == 'instance' and self.train_cfg is not None:
+            for stage, stage_cfg in enumerate(self.train_cfg[1:], start=1):
+                if stage_cfg.sampler.get('add_gt_as_proposals', True):
+                    raise MoEConfigError(
+                        f'train_cfg.rcnn[{stage}].sampler.add_gt_as_proposals', True,
+                        "route_once='instance' gives every RoI of a later stage the experts stage "
+                        '0 chose for the proposal it was refined from; a ground-truth box added '
+                        "as a proposal has none: set it to False (Detectron2's cascade never "
+                        'adds them after stage 0)')
+        self._stages: Optional[StageRouting] = None
+
+    def loss(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
+             batch_data_samples: SampleList) -> dict:
+        """As ``CascadeRoIHead.loss``, plus every stage's routing losses ``s<k>.loss_moe_*``."""
+        with self._stage_routing(batch_data_samples, with_targets=True):
+            losses = super().loss(x, rpn_results_list, batch_data_samples)
+            for stage, routing in enumerate(self._stages.routings):
+                for name, value in self.bbox_head[stage].routing_losses(routing).items():
+                    losses[f's{stage}.{name}'] = value
+        log_routing_statistics(self, self.stats_period)
+        return losses
+
+    def predict(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
+                batch_data_samples: SampleList, rescale: bool = False) -> InstanceList:
+        """As ``CascadeRoIHead.predict``."""
+        with self._stage_routing(batch_data_samples):
+            return super().predict(x, rpn_results_list, batch_data_samples, rescale)
+
+    def forward(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
+                batch_data_samples: SampleList) -> tuple:
+        """As ``CascadeRoIHead.forward`` (tensor mode, FLOP counting)."""
+        with self._stage_routing(batch_data_samples):
+            return super().forward(x, rpn_results_list, batch_data_samples)
+
+    def bbox_loss(self, stage: int, x: Tuple[Tensor],
+                  sampling_results: List[SamplingResult]) -> dict:
+        """As ``CascadeRoIHead.bbox_loss``; with ``route_once='instance'`` it first finds the
+        previous stage's RoI every sampled RoI was refined from."""
+        state = self._stages
+        if stage > 0 and self.route_once == 'instance':
+            state.rows = refined_from(state.sampling_results, sampling_results)
+        state.sampling_results = sampling_results
+        return super().bbox_loss(stage, x, sampling_results)
+
+    def _bbox_forward(self, stage: int, x: Tuple[Tensor], rois: Tensor) -> dict:
+        """Stage ``stage``'s bbox head forward, routing its RoIs (or reusing stage 0's routing).
+
+        Args:
+            stage: the cascade stage.
+            x: multi-level features, each (B, C, H_l, W_l).
+            rois: (N, 5) RoIs ``(image index, x1, y1, x2, y2)``.
+
+        Returns:
+            dict with ``cls_score``, ``bbox_pred``, ``bbox_feats`` and ``routing``.
+        """
+        state = self._stages
+        if state.scene_feats is None:
+            state.scene_feats = self.scene_features(x)
+        extractor = self.bbox_roi_extractor[stage]
+        bbox_feats = extractor(x[:extractor.num_inputs], rois)
+        reuse = {}
+        if stage > 0 and self.route_once == 'scene':
+            reuse['scene'] = state.routings[0].scene
+        elif stage > 0 and self.route_once == 'instance':
+            previous = state.routings[-1]
+            reuse['routing'] = previous if state.rows is None else previous.select(state.rows)
+        own_scene = stage == 0 or not self.route_once
+        cls_score, bbox_pred, routing = self.bbox_head[stage](
+            bbox_feats,
+            state.scene_feats if own_scene else None,
+            rois[:, 0].long(),
+            self._scene_inputs.targets if own_scene else None,
+            **reuse)
+        state.routings.append(routing)
+        return dict(cls_score=cls_score, bbox_pred=bbox_pred, bbox_feats=bbox_feats,
+                    routing=routing)
+
+    @contextmanager
+    def _stage_routing(self, batch_data_samples: SampleList, with_targets: bool = False
+                       ) -> Iterator[None]:
+        """The scene inputs (``SceneRoutedRoIHead._scene``) and a fresh per-pass stage state."""
+        self._stages = StageRouting()
+        try:
+            with self._scene(batch_data_samples, with_targets=with_targets):
+                yield
+        finally:
+            self._stages = None
+
+
+def refined_from(previous: List[SamplingResult], current: List[SamplingResult]) -> Tensor:
+    """For every RoI the current stage sampled (image by image, positives then negatives), the
+    row of the previous stage's RoI it was refined from.
+
+    The previous stage's RoIs are its sampled RoIs, image by image, positives then negatives;
+    ``refine_bboxes`` drops the positives that were ground-truth boxes, and the current stage
+    samples among the remaining refined boxes (no ground truth added, see the class).
+    """
+    rows, offset = [], 0
+    for before, now in zip(previous, current):
+        num_before = len(before.pos_inds) + len(before.neg_inds)
+        was_gt = torch.zeros(num_before, dtype=torch.bool, device=now.pos_inds.device)
+        was_gt[:len(before.pos_is_gt)] = before.pos_is_gt.bool()
+        refined = (~was_gt).nonzero().squeeze(1)
+        rows.append(offset + refined[torch.cat([now.pos_inds, now.neg_inds])])
+        offset += num_before
+    return torch.cat(rows)
