@@ -15,6 +15,7 @@ Data for flop/activation: DATASETS.TEST[0] (bundled datasets from --data-root, o
 """
 import logging
 from collections import Counter
+from typing import Callable, List, Tuple
 
 import numpy as np
 import tqdm
@@ -49,39 +50,50 @@ def trained_model(cfg):
     return model.eval()
 
 
-def do_flop(cfg, num_inputs):
+def per_input_counts(cfg, num_inputs: int, count_one: Callable) -> Tuple[Counter, List[float]]:
+    """``count_one(model, inputs, index) -> (per-operator Counter, total)`` over the first
+    ``num_inputs`` inputs of DATASETS.TEST[0]; returns the summed counter and the totals."""
     data_loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
     model = trained_model(cfg)
-    counts = Counter()
-    total_flops = []
-    for idx, data in zip(tqdm.trange(num_inputs), data_loader):
+    counts, totals = Counter(), []
+    for index, data in zip(tqdm.trange(num_inputs), data_loader):
+        per_operator, total = count_one(model, data, index)
+        counts += per_operator
+        totals.append(total)
+    return counts, totals
+
+
+def do_flop(cfg, num_inputs):
+    tables = []
+
+    def count_one(model, data, index):
         flops = FlopCountAnalysis(model, data)
-        if idx > 0:
+        if index > 0:
             flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        counts += flops.by_operator()
-        total_flops.append(flops.total())
-    logger.info("Flops table computed from only one input sample:\n" + flop_count_table(flops))
+        else:
+            tables.append(flop_count_table(flops))
+        return flops.by_operator(), flops.total()
+
+    counts, totals = per_input_counts(cfg, num_inputs, count_one)
+    logger.info("Flops table computed from only one input sample:\n" + tables[0])
     logger.info(
         "Average GFlops for each type of operators:\n"
-        + str([(k, v / (idx + 1) / 1e9) for k, v in counts.items()])
+        + str([(k, v / len(totals) / 1e9) for k, v in counts.items()])
     )
-    logger.info("Total GFlops: {:.1f}±{:.1f}".format(np.mean(total_flops) / 1e9, np.std(total_flops) / 1e9))
+    logger.info("Total GFlops: {:.1f}±{:.1f}".format(np.mean(totals) / 1e9, np.std(totals) / 1e9))
 
 
 def do_activation(cfg, num_inputs):
-    data_loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
-    model = trained_model(cfg)
-    counts = Counter()
-    total_activations = []
-    for idx, data in zip(tqdm.trange(num_inputs), data_loader):
+    def count_one(model, data, index):
         count = activation_count_operators(model, data)
-        counts += count
-        total_activations.append(sum(count.values()))
+        return count, sum(count.values())
+
+    counts, totals = per_input_counts(cfg, num_inputs, count_one)
     logger.info(
         "(Million) Activations for Each Type of Operators:\n"
-        + str([(k, v / (idx + 1)) for k, v in counts.items()])
+        + str([(k, v / len(totals)) for k, v in counts.items()])
     )
-    logger.info("Total (Million) Activations: {}±{}".format(np.mean(total_activations), np.std(total_activations)))
+    logger.info("Total (Million) Activations: {}±{}".format(np.mean(totals), np.std(totals)))
 
 
 def do_parameter(cfg, num_inputs):

@@ -21,6 +21,7 @@ from .router import (
     HierarchicalRouter,
     Routing,
     SceneRouting,
+    stage_reuse,
 )
 from .stats import RoutingStatsMeter
 from .upcycle import UPCYCLE_MODES, split_dense_layers, stack_dense_layers, upcycle_state_dict
@@ -56,6 +57,7 @@ __all__ = [
     "HierarchicalRouter",
     "Routing",
     "SceneRouting",
+    "stage_reuse",
     "RoutingStatsMeter",
     "UPCYCLE_MODES",
     "split_dense_layers",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,28 @@ class Routing:
 #: What a router can take from another router instead of computing it (``reuse_routing``): the
 #: scene subsets, or the whole routing of every instance (its scene subset and its experts).
 REUSABLE_PARTS = ("scene", "instance")
+
+
+def stage_reuse(
+    route_once: str, stage: int, routings: Sequence[Routing], rows: Optional[torch.Tensor]
+) -> Dict[str, object]:
+    """How stage ``stage`` of a cascade that routes once reuses the earlier stages' routing:
+    the keyword arguments of its ``MoEBlock`` (``scene=`` or ``routing=``; none for stage 0 or
+    ``route_once=""``).
+
+    Args:
+        route_once: ``""``, ``"scene"`` or ``"instance"`` (``ROUTE_ONCE_MODES``).
+        stage: the stage about to run.
+        routings: the routings of the stages run so far, stage 0 first.
+        rows: (M,) long, the previous stage's RoIs the M RoIs of this stage come from (training
+            drops or resamples them); None: the same RoIs, in the same order.
+    """
+    if stage == 0 or not route_once:
+        return {}
+    if route_once == "scene":
+        return {"scene": routings[0].scene}
+    previous = routings[-1]
+    return {"routing": previous if rows is None else previous.select(rows)}
 
 
 class HierarchicalRouter(nn.Module):

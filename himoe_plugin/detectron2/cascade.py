@@ -11,7 +11,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..core import MoEConfigError, Routing, check_route_once
+from ..core import MoEConfigError, Routing, check_route_once, stage_reuse
 from .config import himoe_key
 from .scene_routing import SceneRoutedROIHeads, check_moe_box_head
 
@@ -134,18 +134,12 @@ class InstanceMoECascadeROIHeads(SceneRoutedROIHeads, CascadeROIHeads):
         image_index = torch.cat(
             [box_features.new_full((len(p),), i, dtype=torch.long) for i, p in enumerate(proposals)]
         )
-        reuse = {}
-        if stage > 0 and self.route_once == "scene":
-            reuse["scene"] = state.routings[0].scene
-        elif stage > 0 and self.route_once == "instance":
-            previous = state.routings[-1]
-            reuse["routing"] = previous if state.kept_rows is None else previous.select(state.kept_rows)
-        own_scene = stage == 0 or not self.route_once
+        reuse = stage_reuse(self.route_once, stage, state.routings, state.kept_rows)
         box_features, routing = self.box_head[stage](
             box_features,
-            state.scene_features if own_scene else None,
+            None if reuse else state.scene_features,
             image_index,
-            state.scene_targets if own_scene else None,
+            None if reuse else state.scene_targets,
             **reuse,
         )
         state.routings.append(routing)

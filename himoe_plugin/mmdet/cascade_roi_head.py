@@ -14,7 +14,7 @@ from mmdet.structures import SampleList
 from mmdet.utils import ConfigType, InstanceList, OptConfigType
 from torch import Tensor
 
-from ..core import MoEConfigError, Routing, check_route_once
+from ..core import MoEConfigError, Routing, check_route_once, stage_reuse
 from .bbox_head import MoEConvFCBBoxHead
 from .moe_settings import log_routing_statistics
 from .scene_routing import SceneRoutedRoIHead
@@ -192,18 +192,12 @@ class InstanceMoECascadeRoIHead(SceneRoutedRoIHead, CascadeRoIHead):
             state.scene_feats = self.scene_features(x)
         extractor = self.bbox_roi_extractor[stage]
         bbox_feats = extractor(x[:extractor.num_inputs], rois)
-        reuse = {}
-        if stage > 0 and self.route_once == 'scene':
-            reuse['scene'] = state.routings[0].scene
-        elif stage > 0 and self.route_once == 'instance':
-            previous = state.routings[-1]
-            reuse['routing'] = previous if state.rows is None else previous.select(state.rows)
-        own_scene = stage == 0 or not self.route_once
+        reuse = stage_reuse(self.route_once, stage, state.routings, state.rows)
         cls_score, bbox_pred, routing = self.bbox_head[stage](
             bbox_feats,
-            state.scene_feats if own_scene else None,
+            None if reuse else state.scene_feats,
             rois[:, 0].long(),
-            self._scene_inputs.targets if own_scene else None,
+            None if reuse else self._scene_inputs.targets,
             **reuse)
         state.routings.append(routing)
         return dict(cls_score=cls_score, bbox_pred=bbox_pred, bbox_feats=bbox_feats,

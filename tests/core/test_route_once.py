@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_block import batch, make_block
 
-from himoe_plugin.core import LOSS_BALANCE, LOSS_SCENE_BALANCE, LOSS_Z
+from himoe_plugin.core import LOSS_BALANCE, LOSS_SCENE_BALANCE, LOSS_Z, stage_reuse
 
 
 def names(module):
@@ -72,3 +72,17 @@ def test_later_layers_train_the_router_that_routed_once():
 def test_unknown_part_is_rejected():
     with pytest.raises(ValueError, match=r"part='instances', expected one of \('scene', 'instance'\)"):
         make_block().router.reuse_routing("instances")
+
+
+def test_stage_reuse_says_what_each_cascade_stage_takes_from_the_earlier_ones():
+    first, second = make_block(seed=0).eval(), make_block(seed=1).eval()
+    scene, x, image_index = batch()
+    _, routing0 = first(x, scene, image_index)
+    _, routing1 = second(x, None, image_index, scene=routing0.scene)
+    routings = [routing0, routing1]
+    assert stage_reuse("instance", 0, [], None) == {} and stage_reuse("", 2, routings, None) == {}
+    assert stage_reuse("scene", 2, routings, None)["scene"] is routing0.scene
+    assert stage_reuse("instance", 2, routings, None)["routing"] is routing1  # the previous stage's
+    rows = torch.tensor([4, 1])
+    kept = stage_reuse("instance", 2, routings, rows)["routing"]
+    assert torch.equal(kept.expert_index, routing1.expert_index[rows])

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+import torch
+from mmdet.registry import DATASETS, MODELS
 from mmengine.config import Config
+from mmengine.dataset import pseudo_collate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / 'configs' / 'mmdet' / 'aquarium'
@@ -89,3 +92,25 @@ def without_roi_head(cfg: Config) -> dict:
     settings['model'].pop('roi_head')
     settings.pop('custom_imports', None)
     return settings
+
+
+def load_config(path, options=None) -> Config:
+    cfg = Config.fromfile(str(path))
+    if options:
+        cfg.merge_from_dict(options)
+    return cfg
+
+
+def build_model(cfg: Config, seed: int = 0):
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model
+
+
+def real_batch(cfg: Config, model, indices, split='train'):
+    """Preprocessed ``{'inputs', 'data_samples'}`` of real images."""
+    loader = cfg.train_dataloader if split == 'train' else cfg.val_dataloader
+    dataset = DATASETS.build(loader.dataset)
+    return model.data_preprocessor(pseudo_collate([dataset[i] for i in indices]),
+                                   training=split == 'train')

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-from mmdet.registry import DATASETS, MODELS
-from mmdet_helpers import (CONFIG_DIR, REPO_ROOT, mmdet_stock_config, mmdet_tools_dir,
-                           slice_eval_config, subprocess_env, without_roi_head, without_scope,
-                           write_config)
+from mmdet.registry import MODELS
+from mmdet_helpers import (CONFIG_DIR, REPO_ROOT, build_model, load_config, mmdet_stock_config,
+                           mmdet_tools_dir, real_batch, slice_eval_config, subprocess_env,
+                           without_roi_head, without_scope, write_config)
 from mmengine.config import Config
-from mmengine.dataset import pseudo_collate
 from mmengine.registry import init_default_scope
 
 import himoe_plugin.mmdet  # noqa: F401  (registers the modules)
@@ -34,24 +33,8 @@ def mmdet_scope():
     init_default_scope('mmdet')
 
 
-def load(path=CASCADE_CONFIG, options=None) -> Config:
-    cfg = Config.fromfile(str(path))
-    if options:
-        cfg.merge_from_dict(options, allow_list_keys=True)
-    return cfg
-
-
-def build(cfg: Config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
-
-
-def real_batch(cfg, model, indices, training=True):
-    loader = cfg.train_dataloader if training else cfg.val_dataloader
-    dataset = DATASETS.build(loader.dataset)
-    return model.data_preprocessor(pseudo_collate([dataset[i] for i in indices]), training=training)
+def load(options=None) -> Config:
+    return load_config(CASCADE_CONFIG, options)
 
 
 def test_stock_train_tool_trains_and_evaluates_all_three_stages(tmp_path, himoe_data_root, valid_slice):
@@ -101,7 +84,7 @@ def routings_and_samples(model):
 def test_every_parameter_trains_and_stage_losses_follow_who_routed(route_once):
     options = {'model.roi_head.route_once': route_once, **(NO_GT_LATER if route_once == 'instance' else {})}
     cfg = load(options=options)
-    model = build(cfg).train()
+    model = build_model(cfg).train()
     batch = real_batch(cfg, model, [0, 1])
     loss, log_vars = model.parse_losses(model.loss(batch['inputs'], batch['data_samples']))
     loss.backward()
@@ -122,7 +105,7 @@ def test_route_once_instance_tracks_rois_through_resampling_in_training():
     """Every RoI a later stage samples uses the experts stage 0 chose for the RoI whose refined
     box it is (checked on the boxes themselves)."""
     cfg = load(options={'model.roi_head.route_once': 'instance', **NO_GT_LATER})
-    model = build(cfg).train()
+    model = build_model(cfg).train()
     batch = real_batch(cfg, model, [0, 1])
     captured, hooks = routings_and_samples(model)
     model.loss(batch['inputs'], batch['data_samples'])
@@ -150,11 +133,11 @@ def test_route_once_instance_tracks_rois_through_resampling_in_training():
 def test_route_once_reuses_stage0_routing_at_inference():
     for route_once in ('scene', 'instance'):
         options = {'model.roi_head.route_once': route_once, **NO_GT_LATER}
-        model = build(load(options=options)).eval()
+        model = build_model(load(options=options)).eval()
         later_routers = [h.moe_block.router for h in model.roi_head.bbox_head[1:]]
         assert all(r.scene_router is None for r in later_routers)
         assert all((r.instance_router is None) == (route_once == 'instance') for r in later_routers)
-        batch = real_batch(load(), model, [0], training=False)
+        batch = real_batch(load(), model, [0], split='val')
         captured, hooks = routings_and_samples(model)
         with torch.no_grad():
             results = model.test_step(batch)
@@ -167,7 +150,7 @@ def test_route_once_reuses_stage0_routing_at_inference():
 
 
 def test_cpu_cascade_configs_differ_only_in_the_roi_head():
-    himoe, dense = load(), load(DENSE_CASCADE_CONFIG)
+    himoe, dense = load(), load_config(DENSE_CASCADE_CONFIG)
     assert without_roi_head(himoe) == without_roi_head(dense)
     assert dense.model.roi_head.type == 'CascadeRoIHead' and len(dense.model.roi_head.bbox_head) == 3
 
@@ -203,7 +186,7 @@ def test_coco_cascade_configs_are_the_stock_ones_with_the_roi_head_swapped(ours,
 ])
 def test_bad_cascade_settings_fail_at_build_naming_the_key(options, message):
     with pytest.raises(MoEConfigError, match=message):
-        build(load(options=options))
+        build_model(load(options=options))
 
 
 def test_route_once_needs_the_same_experts_in_every_stage():
@@ -214,7 +197,7 @@ def test_route_once_needs_the_same_experts_in_every_stage():
     cfg.model.roi_head.route_once = 'scene'
     with pytest.raises(MoEConfigError, match=r"roi_head\.route_once='scene': stage 2 has 3 experts in 3 "
                                              r"groups, stage 0 6 in 3"):
-        build(cfg)
+        build_model(cfg)
 
 
 def test_moe_bbox_heads_under_the_stock_cascade_head_fail_naming_both_keys():
@@ -225,7 +208,7 @@ def test_moe_bbox_heads_under_the_stock_cascade_head_fail_naming_both_keys():
         cfg.model.roi_head.pop(key)
     cfg.model.roi_head.bbox_head = [dict(copy.deepcopy(h), type='MoEShared2FCBBoxHead', **settings)
                                     for h in cfg.model.roi_head.bbox_head]
-    model = build(cfg).train()
+    model = build_model(cfg).train()
     batch = real_batch(cfg, model, [0])
     with pytest.raises(MoEConfigError, match=r"roi_head\.bbox_head\.type='an HI-MoE bbox head': it runs only "
                                              r"under an HI-MoE RoI head \(roi_head\.type="):

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from mmdet_helpers import DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT
+from mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, build_model, load_config,
+                           real_batch)
 from mmdet.registry import DATASETS, MODELS
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
@@ -33,28 +34,6 @@ SCENE_SUPERVISION = {'model.roi_head.bbox_head.loss_scene':
 @pytest.fixture(scope='module', autouse=True)
 def mmdet_scope():
     init_default_scope('mmdet')
-
-
-def load_config(path, options=None) -> Config:
-    cfg = Config.fromfile(str(path))
-    if options:
-        cfg.merge_from_dict(options)
-    return cfg
-
-
-def build_model(cfg: Config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
-
-
-def real_batch(cfg: Config, model, indices, split='train'):
-    """Preprocessed ``{'inputs', 'data_samples'}`` of real images."""
-    loader = cfg.train_dataloader if split == 'train' else cfg.val_dataloader
-    dataset = DATASETS.build(loader.dataset)
-    return model.data_preprocessor(pseudo_collate([dataset[i] for i in indices]),
-                                   training=split == 'train')
 
 
 def expert_grads(model):
