@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_block import batch, make_block
 
-from himoe_plugin.core import LOSS_BALANCE, LOSS_SCENE_BALANCE, LOSS_Z, stage_reuse
+from himoe_plugin.core import LOSS_BALANCE, LOSS_Z, stage_reuse
 
 
 def names(module):

@@ -10,7 +10,6 @@ import torch
 from d2_helpers import CONFIGS, REPO_ROOT, SMALL_OPTS, VALID_SLICE, small_cfg
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 from test_roi_head import make_inputs
 

@@ -11,9 +11,7 @@ import pytest
 import torch
 from mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, build_model, load_config,
                            real_batch)
-from mmdet.registry import DATASETS, MODELS
-from mmengine.config import Config
-from mmengine.dataset import pseudo_collate
+from mmdet.registry import DATASETS
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
