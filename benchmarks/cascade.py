@@ -231,10 +231,15 @@ def main() -> None:
         for phase in ("infer", "train"):
             results.append(dict(framework=framework, phase=phase, info=info, summary=summaries[phase],
                                 seconds=seconds[phase]))
+        report(args, results)  # after every framework: a later failure keeps what was measured
 
-    lines = [f"Input: short side {args.size}; median of {args.repeats} alternating repeats; "
-             "ratio = per-repeat time / dense cascade (median, min-max). Target: k1_instance "
-             "inference <= 1.05.", "",
+
+def report(args: argparse.Namespace, results: List[dict]) -> None:
+    """Write ``results/cascade.{json,md}`` and print the tables."""
+    himoe = [name for name in VARIANTS if name != "dense"]
+    lines = [f"Input: short side {args.size}; median of {args.repeats} alternating repeats of each "
+             "variant next to a fresh dense cascade; ratio = per-repeat time / dense (median, "
+             "min-max). Target: k1_instance inference <= 1.05.", "",
              "| framework | phase | dense s | " + " | ".join(f"{n} / dense" for n in himoe) + " |",
              "|---|---|---:|" + "---:|" * len(himoe)]
     for r in results:
