@@ -1,6 +1,6 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
 from .analysis import ParameterCount, count_parameters
-from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics
+from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics, link_cascade_stages
 from .config import ROUTE_ONCE_MODES, MoEConfig, MoEConfigError, check_contiguous_layers, check_route_once
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
@@ -32,6 +32,7 @@ __all__ = [
     "STATS_PREFIX",
     "MoEBlock",
     "collect_routing_statistics",
+    "link_cascade_stages",
     "MoEConfig",
     "MoEConfigError",
     "check_contiguous_layers",

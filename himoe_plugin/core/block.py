@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import MoEConfig
+from .config import MoEConfig, MoEConfigError, check_route_once
 from .experts import MoEMLP
 from .router import HierarchicalRouter, Routing, SceneRouting
 from .stats import RoutingStatsMeter
@@ -188,3 +188,24 @@ def collect_routing_statistics(model: nn.Module, prefix: str = STATS_PREFIX) -> 
         scope = block.stats_scope or (name if len(blocks) > 1 else "")
         out.update(block.statistics.summary(f"{prefix}{scope}/" if scope else prefix))
     return out
+
+
+def link_cascade_stages(blocks: Sequence[MoEBlock], route_once: Optional[str], key: str) -> str:
+    """Prepare the ``MoEBlock`` of every stage of a cascade (stage 0 first): statistics scopes
+    ``stage<k>``, and with ``route_once`` the later stages' routers reuse stage 0's routing
+    (``HierarchicalRouter.reuse_routing``), which needs the same experts and groups in every
+    stage. Returns the checked ``route_once`` (``ROUTE_ONCE_MODES``); errors name ``key``."""
+    mode = check_route_once(route_once, key)
+    first = blocks[0].config
+    for stage, block in enumerate(blocks):
+        block.stats_scope = f"stage{stage}"
+        config = block.config
+        if mode and (config.groups, config.num_experts) != (first.groups, first.num_experts):
+            raise MoEConfigError(
+                key, route_once,
+                f"stage {stage} has {config.num_experts} experts in {config.groups} groups, stage 0 "
+                f"{first.num_experts} in {first.groups}: reusing stage 0's routing needs the same",
+            )
+        if stage > 0 and mode:
+            block.router.reuse_routing(mode)
+    return mode

@@ -11,7 +11,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..core import MoEConfigError, Routing, check_route_once, stage_reuse
+from ..core import MoEConfigError, Routing, link_cascade_stages, stage_reuse
 from .config import himoe_key
 from .scene_routing import SceneRoutedROIHeads, check_moe_box_head
 
@@ -71,19 +71,9 @@ class InstanceMoECascadeROIHeads(SceneRoutedROIHeads, CascadeROIHeads):
         super().__init__(**kwargs)
         for box_head in self.box_head:
             check_moe_box_head(box_head, "InstanceMoECascadeROIHeads")
-        self.route_once = check_route_once(route_once, himoe_key("route_once"))
-        first = self.box_head[0].moe_config
-        for stage, box_head in enumerate(self.box_head):
-            box_head.moe_block.stats_scope = f"stage{stage}"
-            config = box_head.moe_config
-            if self.route_once and (config.groups, config.num_experts) != (first.groups, first.num_experts):
-                raise MoEConfigError(
-                    himoe_key("route_once"), route_once,
-                    f"stage {stage} has {config.num_experts} experts in {config.groups} groups, stage 0 "
-                    f"{first.num_experts} in {first.groups}: reusing stage 0's routing needs the same",
-                )
-            if stage > 0 and self.route_once:
-                box_head.moe_block.router.reuse_routing(self.route_once)
+        self.route_once = link_cascade_stages(
+            [box_head.moe_block for box_head in self.box_head], route_once, himoe_key("route_once")
+        )
         self._init_scene_routing(list(self.box_head), scene_in_features, scene_strides, class_to_group, stats_period)
         self._routing: Optional[CascadeRouting] = None
 

@@ -14,7 +14,7 @@ from mmdet.structures import SampleList
 from mmdet.utils import ConfigType, InstanceList, OptConfigType
 from torch import Tensor
 
-from ..core import MoEConfigError, Routing, check_route_once, stage_reuse
+from ..core import MoEConfigError, Routing, link_cascade_stages, stage_reuse
 from .bbox_head import MoEConvFCBBoxHead
 from .moe_settings import log_routing_statistics
 from .scene_routing import SceneRoutedRoIHead
@@ -118,20 +118,8 @@ class InstanceMoECascadeRoIHead(SceneRoutedRoIHead, CascadeRoIHead):
                          bbox_head=moe_stage_heads(bbox_head, num_stages, moe_bbox_head), **kwargs)
         self._init_scene_routing(list(self.bbox_head), self.bbox_roi_extractor[0].featmap_strides,
                                  scene_featmap_strides, stats_period)
-        self.route_once = check_route_once(route_once, 'roi_head.route_once')
-        first = self.bbox_head[0].moe_config
-        for stage, head in enumerate(self.bbox_head):
-            head.moe_block.stats_scope = f'stage{stage}'
-            config = head.moe_config
-            if self.route_once and (config.groups, config.num_experts) != (first.groups,
-                                                                           first.num_experts):
-                raise MoEConfigError(
-                    'roi_head.route_once', route_once,
-                    f'stage {stage} has {config.num_experts} experts in {config.groups} groups, '
-                    f"stage 0 {first.num_experts} in {first.groups}: reusing stage 0's routing "
-                    'needs the same')
-            if stage > 0 and self.route_once:
-                head.moe_block.router.reuse_routing(self.route_once)
+        self.route_once = link_cascade_stages(
+            [head.moe_block for head in self.bbox_head], route_once, 'roi_head.route_once')
         if self.route_once == 'instance' and self.train_cfg is not None:
             for stage, stage_cfg in enumerate(self.train_cfg[1:], start=1):
                 if stage_cfg.sampler.get('add_gt_as_proposals', True):
