@@ -7,12 +7,18 @@ from typing import Callable
 from torch import nn
 
 
-def require_routing_inputs(head: nn.Module, error: Callable[[], Exception]) -> None:
-    """Make a call of ``head`` with nothing but the RoI features raise ``error()`` (instead of a
-    ``TypeError`` about missing arguments deep inside a training step)."""
+class _RoutingInputsCheck:
+    """Forward pre-hook (a picklable object, not a closure) raising ``error(head)``."""
 
-    def check(module: nn.Module, args, kwargs) -> None:
+    def __init__(self, error: Callable[[nn.Module], Exception]):
+        self.error = error
+
+    def __call__(self, head: nn.Module, args, kwargs) -> None:
         if len(args) + len(kwargs) < 2:
-            raise error()
+            raise self.error(head)
 
-    head.register_forward_pre_hook(check, with_kwargs=True)
+
+def require_routing_inputs(head: nn.Module, error: Callable[[nn.Module], Exception]) -> None:
+    """Make a call of ``head`` with nothing but the RoI features raise ``error(head)`` (instead
+    of a ``TypeError`` about missing arguments deep inside a training step)."""
+    head.register_forward_pre_hook(_RoutingInputsCheck(error), with_kwargs=True)

@@ -218,9 +218,9 @@ class MoEConvFCBoxHead(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _unfed_error() -> MoEConfigError:
+def _unfed_error(box_head: nn.Module) -> MoEConfigError:
     return MoEConfigError(
-        "box_head", "MoEConvFCBoxHead",
+        "box_head", type(box_head).__name__,
         "an HI-MoE box head runs only under HI-MoE ROI heads (InstanceMoEROIHead, or "
         "InstanceMoECascadeROIHeads for cascades; yaml: MODEL.ROI_HEADS.NAME), which give it the "
         "scene features and the image of every RoI; this model's ROI heads call it with the RoI "

@@ -219,9 +219,10 @@ class MoEShared2FCBBoxHead(MoEConvFCBBoxHead):
             **kwargs)
 
 
-def _unfed_error() -> MoEConfigError:
+def _unfed_error(head: nn.Module) -> MoEConfigError:
     return MoEConfigError(
-        f'{HEAD_KEY}.type', 'an HI-MoE bbox head',
-        "it runs only under an HI-MoE RoI head (roi_head.type='InstanceMoERoIHead', or "
-        "'InstanceMoECascadeRoIHead' for cascades), which gives it the scene features and the "
-        'image of every RoI; this model\'s RoI head calls it with the RoI features only')
+        f'{HEAD_KEY}.type', type(head).__name__,
+        'an HI-MoE bbox head runs only under an HI-MoE RoI head '
+        "(roi_head.type='InstanceMoERoIHead', or 'InstanceMoECascadeRoIHead' for cascades), "
+        'which gives it the scene features and the image of every RoI; this model\'s RoI head '
+        'calls it with the RoI features only')

@@ -210,6 +210,6 @@ def test_moe_bbox_heads_under_the_stock_cascade_head_fail_naming_both_keys():
                                     for h in cfg.model.roi_head.bbox_head]
     model = build_model(cfg).train()
     batch = real_batch(cfg, model, [0])
-    with pytest.raises(MoEConfigError, match=r"roi_head\.bbox_head\.type='an HI-MoE bbox head': it runs only "
-                                             r"under an HI-MoE RoI head \(roi_head\.type="):
+    with pytest.raises(MoEConfigError, match=r"roi_head\.bbox_head\.type='MoEShared2FCBBoxHead': an HI-MoE "
+                                             r"bbox head runs only under an HI-MoE RoI head \(roi_head\.type="):
         model.loss(batch['inputs'], batch['data_samples'])
