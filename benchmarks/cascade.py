@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import tempfile
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from detector import MMDET_BODY, REPO_ROOT, calibrate_batch_norm, check_identical_trunks, data_root
-from timing import compare, fmt_ratio, ratio_summary, write_results
+from timing import RESULTS_DIR, compare, fmt_ratio, ratio_summary, write_results
 
 #: name -> (top_k, route_once); None: the dense cascade.
 VARIANTS: Dict[str, Optional[Tuple[int, str]]] = {
@@ -110,9 +111,9 @@ def detectron2_builder(size: int) -> Callable[[str, bool], Contender]:
             model.train()
             with EventStorage(0):
                 losses = model(train_batch)
-            optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # no gradients held while the other model runs
 
         info = {}
         if analyze:
@@ -176,7 +177,7 @@ def mmdet_builder(size: int) -> Callable[[str, bool], Contender]:
 
         def run_train():
             model.train()
-            model.train_step(train_batch, optim)
+            model.train_step(train_batch, optim)  # zeroes the gradients after its step
 
         info = {}
         if analyze:
@@ -204,9 +205,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="short side of the input images")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS))
+    parser.add_argument("--variants", nargs="+", default=[n for n in VARIANTS if n != "dense"],
+                        choices=[n for n in VARIANTS if n != "dense"])
     args = parser.parse_args()
 
-    himoe = [name for name in VARIANTS if name != "dense"]
+    himoe = args.variants
     results: List[dict] = []
     for framework in args.frameworks:
         build = FRAMEWORKS[framework](args.size)
@@ -235,8 +238,15 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, results: List[dict]) -> None:
-    """Write ``results/cascade.{json,md}`` and print the tables."""
-    himoe = [name for name in VARIANTS if name != "dense"]
+    """Write ``results/cascade.{json,md}`` (keeping the results of the other frameworks from an
+    earlier run at the same size and repeats) and print the tables."""
+    previous = RESULTS_DIR / "cascade.json"
+    if previous.is_file():
+        earlier = json.loads(previous.read_text())
+        if (earlier["size"], earlier["repeats"]) == (args.size, args.repeats):
+            measured = {r["framework"] for r in results}
+            results = [r for r in earlier["results"] if r["framework"] not in measured] + results
+    himoe = [name for name in VARIANTS if any(name in r["summary"] for r in results) and name != "dense"]
     lines = [f"Input: short side {args.size}; median of {args.repeats} alternating repeats of each "
              "variant next to a fresh dense cascade; ratio = per-repeat time / dense (median, "
              "min-max). Target: k1_instance inference <= 1.05.", "",
@@ -245,7 +255,7 @@ def report(args: argparse.Namespace, results: List[dict]) -> None:
     for r in results:
         s = r["summary"]
         lines.append(f"| {r['framework']} | {r['phase']} | {s['dense']['median_s']:.2f} | "
-                     + " | ".join(fmt_ratio(s[n]) for n in himoe) + " |")
+                     + " | ".join(fmt_ratio(s[n]) if n in s else "-" for n in himoe) + " |")
     lines += ["", "| framework | model | params total (M) | params active (M) | GMACs (1 image) | box heads GMACs |",
               "|---|---|---:|---:|---:|---:|"]
     for r in results:
