@@ -1,5 +1,5 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
-from .config import MoEConfig, MoEConfigError, check_contiguous_layers
+from .config import EXPERT_BACKENDS, MoEConfig, MoEConfigError, check_contiguous_layers, check_expert_backend
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts, stack_dense_layers
 from .losses import (
@@ -24,6 +24,8 @@ __all__ = [
     "MoEConfig",
     "MoEConfigError",
     "check_contiguous_layers",
+    "check_expert_backend",
+    "EXPERT_BACKENDS",
     "DispatchPlan",
     "build_dispatch_plan",
     "DenseMLP",

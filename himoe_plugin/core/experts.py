@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_expert_backend
 from .dispatch import DispatchPlan
 from .grouped_linear import grouped_linear
 
@@ -21,15 +22,28 @@ class StackedMLPExperts(nn.Module):
     Layer ``l`` of all experts is one parameter ``weight_l`` of shape (E, dims[l+1], dims[l])
     (nn.Linear layout per expert) and ``bias_l`` of shape (E, dims[l+1]). One parameter per
     layer means a data-parallel wrapper sees every expert as used as soon as any one is.
+
+    ``expert_backend`` (``auto``, ``loop`` or ``grouped_mm``, see ``core/grouped_linear.py``)
+    picks how the matmuls run; errors about it name ``expert_backend_key``.
     """
 
-    def __init__(self, num_experts: int, dims: Sequence[int], activate_output: bool = True):
+    def __init__(
+        self,
+        num_experts: int,
+        dims: Sequence[int],
+        activate_output: bool = True,
+        expert_backend: str = "auto",
+        expert_backend_key: str = "expert_backend",
+    ):
         super().__init__()
         if len(dims) < 2:
             raise ValueError(f"an expert needs at least input and output dims, got dims={list(dims)}")
         self.num_experts = num_experts
         self.dims = tuple(int(d) for d in dims)
         self.activate_output = activate_output
+        check_expert_backend(expert_backend, self.dims, expert_backend_key)
+        self.expert_backend = expert_backend
+        self.expert_backend_key = expert_backend_key
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, d_out, d_in))
             for d_in, d_out in zip(self.dims[:-1], self.dims[1:])
@@ -50,27 +64,37 @@ class StackedMLPExperts(nn.Module):
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """(N, dims[0]) -> (N, dims[-1]): sum over kept assignments of weight * expert(x).
 
-        The routed rows are gathered in expert order and each layer is one grouped linear
-        (every expert multiplies only its own rows: N*k rows in total, whatever E is). Every
-        expert's parameters get a gradient (zero without rows), so DDP never sees an unused one.
+        Each layer is one grouped linear over the routed rows in expert order (every expert
+        multiplies only its own rows: N*k rows in total, whatever E is); the first one gathers
+        its rows itself. Every expert's parameters get a gradient (zero without rows), so DDP
+        never sees an unused one.
         """
         if x.shape[0] != plan.num_instances:
             raise ValueError(
                 f"input has {x.shape[0]} rows but the dispatch plan routes {plan.num_instances}"
             )
-        h = x.index_select(0, plan.instance_index)
+        h = x
+        row_index: Optional[torch.Tensor] = plan.instance_index
         last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            h = grouped_linear(h, weight, bias, plan.rows_per_expert)
+            h = grouped_linear(
+                h, weight, bias, plan.rows_per_expert, plan.expert_counts, row_index,
+                self.expert_backend, self.expert_backend_key,
+            )
+            row_index = None
             if i < last or self.activate_output:
                 h = F.relu(h)
         weighted = h * plan.combine_weight.unsqueeze(1).to(h.dtype)
-        # Un-sort into the (N, k) grid (dropped assignments stay 0) and sum over k: a copy and a
-        # reduction, much cheaper than a scatter-add on CPU.
-        grid = weighted.new_zeros(plan.num_instances * plan.top_k, self.dims[-1])
-        grid = grid.index_copy(0, plan.slot, weighted)
+        # Un-sort into the (N, k) grid and sum over k: a copy and a reduction, much cheaper than
+        # a scatter-add on CPU. Without dropped assignments every slot is written (no zero
+        # fill), and at k=1 the grid is the output.
+        num_slots = plan.num_instances * plan.top_k
+        dropless = weighted.shape[0] == num_slots
+        grid = weighted.new_empty(num_slots, self.dims[-1]) if dropless else weighted.new_zeros(num_slots, self.dims[-1])
+        grid.index_copy_(0, plan.slot, weighted)
+        if plan.top_k == 1:
+            return grid
         return grid.view(plan.num_instances, plan.top_k, self.dims[-1]).sum(dim=1)
-
 
 
 def stack_dense_layers(
@@ -130,9 +154,11 @@ class MoEMLP(nn.Module):
         shared_expert_weight: float = 0.5,
         activate_output: bool = True,
         num_experts_key: str = "num_experts",
+        expert_backend: str = "auto",
+        expert_backend_key: str = "expert_backend",
     ):
         super().__init__()
-        self.experts = StackedMLPExperts(num_experts, dims, activate_output)
+        self.experts = StackedMLPExperts(num_experts, dims, activate_output, expert_backend, expert_backend_key)
         self.shared: Optional[DenseMLP] = DenseMLP(dims, activate_output) if shared_expert else None
         self.shared_expert_weight = shared_expert_weight
         self.num_experts_key = num_experts_key
