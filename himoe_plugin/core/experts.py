@@ -84,17 +84,49 @@ class StackedMLPExperts(nn.Module):
             row_index = None
             if i < last or self.activate_output:
                 h = F.relu(h)
-        weighted = h * plan.combine_weight.unsqueeze(1).to(h.dtype)
-        # Un-sort into the (N, k) grid and sum over k: a copy and a reduction, much cheaper than
-        # a scatter-add on CPU. Without dropped assignments every slot is written (no zero
-        # fill), and at k=1 the grid is the output.
-        num_slots = plan.num_instances * plan.top_k
-        dropless = weighted.shape[0] == num_slots
-        grid = weighted.new_empty(num_slots, self.dims[-1]) if dropless else weighted.new_zeros(num_slots, self.dims[-1])
-        grid.index_copy_(0, plan.slot, weighted)
-        if plan.top_k == 1:
+        return combine(h, plan)
+
+
+def combine(expert_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """(A, D) expert outputs in expert order -> (N, D): ``sum_j w_j * row_j`` per instance.
+
+    One autograd op: the rows are un-sorted into the (N, k) slot grid, scaled by their routing
+    weight in place and summed over k (a copy, a scale and a reduction; a scatter-add is much
+    slower on CPU). Slots of dropped assignments are 0. While tracing it is written in standard
+    ops, for tracers.
+    """
+    if torch.jit.is_tracing():
+        weighted = expert_rows * plan.combine_weight.unsqueeze(1).to(expert_rows.dtype)
+        grid = weighted.new_zeros(plan.num_instances * plan.top_k, weighted.shape[1])
+        grid = grid.index_copy(0, plan.slot, weighted)
+        return grid.view(plan.num_instances, plan.top_k, weighted.shape[1]).sum(dim=1)
+    return _Combine.apply(
+        expert_rows, plan.combine_weight, plan.slot, plan.instance_index, plan.num_instances, plan.top_k
+    )
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weight, slot, instance_index, num_instances: int, top_k: int):
+        num_slots = num_instances * top_k
+        dropless = rows.shape[0] == num_slots  # every slot written: no zero fill
+        new = torch.empty if dropless else torch.zeros
+        grid = new(num_slots, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        slot_weight = new(num_slots, dtype=rows.dtype, device=rows.device)
+        grid.index_copy_(0, slot, rows)
+        grid.mul_(slot_weight.index_copy_(0, slot, weight.to(rows.dtype)).unsqueeze(1))
+        ctx.save_for_backward(rows, weight, instance_index)
+        if top_k == 1:
             return grid
-        return grid.view(plan.num_instances, plan.top_k, self.dims[-1]).sum(dim=1)
+        return grid.view(num_instances, top_k, rows.shape[1]).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, instance_index = ctx.saved_tensors
+        grad_rows = grad.index_select(0, instance_index)  # (A, D), the grad of every kept slot
+        grad_weight = torch.linalg.vecdot(grad_rows, rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_rows.mul_(weight.to(grad_rows.dtype).unsqueeze(1))
+        return grad_rows, grad_weight, None, None, None, None
 
 
 def stack_dense_layers(

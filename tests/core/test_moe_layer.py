@@ -216,6 +216,24 @@ def test_grouped_linear_matches_per_expert_linear_in_value_and_gradient():
     assert torch.autograd.gradcheck(lambda a, w, b: grouped_linear(a, w, b, rows), (x, weight, bias))
 
 
+@pytest.mark.parametrize("top_k, capacity", [(1, 0), (2, 0), (2, 2)])
+def test_combine_gradient_matches_finite_differences(top_k, capacity):
+    from himoe_plugin.core.experts import combine
+
+    torch.manual_seed(0)
+    expert_index = torch.stack([torch.randperm(4)[:top_k] for _ in range(7)])
+    weights = torch.rand(7, top_k, dtype=torch.float64, requires_grad=True)
+    plan = build_dispatch_plan(expert_index, weights, torch.rand(7, top_k), 4, capacity)
+    rows = torch.randn(sum(plan.rows_per_expert), 5, dtype=torch.float64, requires_grad=True)
+    assert (not plan.kept.all()) == (capacity > 0)
+
+    def combined(expert_rows, routing_weights):
+        plan.combine_weight = routing_weights.reshape(-1)[plan.slot]
+        return combine(expert_rows, plan)
+
+    assert torch.autograd.gradcheck(combined, (rows, weights))
+
+
 def test_grouped_linear_follows_autocast_and_keeps_float32_parameter_grads():
     from himoe_plugin.core.grouped_linear import grouped_linear
 
