@@ -79,11 +79,10 @@ class StackedMLPExperts(nn.Module):
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             h = grouped_linear(
                 h, weight, bias, plan.rows_per_expert, plan.expert_counts, row_index,
-                self.expert_backend, self.expert_backend_key,
+                relu=i < last or self.activate_output,
+                backend=self.expert_backend, backend_key=self.expert_backend_key,
             )
             row_index = None
-            if i < last or self.activate_output:
-                h = F.relu(h)
         return combine(h, plan)
 
 

@@ -98,10 +98,12 @@ def grouped_linear(
     rows_per_expert: Sequence[int],
     expert_counts: Optional[torch.Tensor] = None,
     row_index: Optional[torch.Tensor] = None,
+    relu: bool = False,
     backend: str = "auto",
     backend_key: str = "expert_backend",
 ) -> torch.Tensor:
-    """``y[rows of e] = x_rows[rows of e] @ weight[e].T + bias[e]`` for every expert e.
+    """``y[rows of e] = x_rows[rows of e] @ weight[e].T + bias[e]`` for every expert e, then
+    ``relu(y)`` when ``relu`` (applied to each expert's block while it is in cache).
 
     Args:
         x: (A, in), rows grouped by expert in expert order; or, with ``row_index``, (N, in) and
@@ -111,6 +113,7 @@ def grouped_linear(
         expert_counts: (E,) integer tensor on x's device equal to ``rows_per_expert`` (used by
             ``grouped_mm``; built from the list when omitted).
         row_index: optional (A,) long, the input row of every output row.
+        relu: apply ReLU to the output.
         backend: ``"auto"``, ``"loop"`` or ``"grouped_mm"`` (see the module docstring).
         backend_key: the config key named in errors about ``backend``.
     Returns:
@@ -124,7 +127,8 @@ def grouped_linear(
         if row_index is not None:
             x = x.index_select(0, row_index)
         chunks = torch.split(x, rows_per_expert)
-        return torch.cat([F.linear(rows, weight[e], bias[e]) for e, rows in enumerate(chunks)])
+        out = torch.cat([F.linear(rows, weight[e], bias[e]) for e, rows in enumerate(chunks)])
+        return F.relu(out) if relu else out
     check_expert_backend(backend, key=backend_key)
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:
@@ -133,8 +137,10 @@ def grouped_linear(
         if resolve_backend(backend, x, weight, backend_key) == "grouped_mm":
             if expert_counts is None:
                 expert_counts = torch.tensor(rows_per_expert, device=x.device)
-            return _GroupedMMLinear.apply(x, weight, bias, row_index, rows_per_expert, expert_counts, backend_key)
-        return _LoopLinear.apply(x, weight, bias, row_index, rows_per_expert)
+            return _GroupedMMLinear.apply(
+                x, weight, bias, row_index, relu, rows_per_expert, expert_counts, backend_key
+            )
+        return _LoopLinear.apply(x, weight, bias, row_index, relu, rows_per_expert)
 
 
 def _rows_of(x: torch.Tensor, row_index: Optional[torch.Tensor], start: int, end: int) -> torch.Tensor:
@@ -153,23 +159,31 @@ def _zero_idle(rows_per_expert: List[int], *grads: Optional[torch.Tensor]) -> No
                     grad[e].zero_()
 
 
+def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Gradient through ``out = relu(z)`` given ``out``."""
+    return torch.ops.aten.threshold_backward(grad, out, 0)
+
+
 class _LoopLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, row_index, rows_per_expert: List[int]):
+    def forward(ctx, x, weight, bias, row_index, relu: bool, rows_per_expert: List[int]):
         out = x.new_empty(sum(rows_per_expert), weight.shape[1])
         start = 0
         for e, rows in enumerate(rows_per_expert):
             if rows:
                 end = start + rows
-                torch.addmm(bias[e], _rows_of(x, row_index, start, end), weight[e].t(), out=out[start:end])
+                block = out[start:end]
+                torch.addmm(bias[e], _rows_of(x, row_index, start, end), weight[e].t(), out=block)
+                if relu:
+                    block.relu_()
                 start = end
-        ctx.save_for_backward(x, weight, row_index)
+        ctx.save_for_backward(x, weight, row_index, out if relu else None)
         ctx.rows_per_expert = rows_per_expert
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, row_index = ctx.saved_tensors
+        x, weight, row_index, out = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous()
         grad_x = None
@@ -183,6 +197,8 @@ class _LoopLinear(torch.autograd.Function):
                 continue
             end = start + rows
             g = grad_out[start:end]
+            if out is not None:
+                g = _relu_backward(g, out[start:end])
             if need_x:
                 if row_index is None:
                     torch.mm(g, weight[e], out=grad_x[start:end])
@@ -194,7 +210,7 @@ class _LoopLinear(torch.autograd.Function):
                 torch.sum(g, dim=0, out=grad_b[e])
             start = end
         _zero_idle(ctx.rows_per_expert, grad_w, grad_b)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -214,7 +230,7 @@ class _GroupedMMLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, row_index, rows_per_expert: List[int], expert_counts, backend_key):
+    def forward(ctx, x, weight, bias, row_index, relu: bool, rows_per_expert: List[int], expert_counts, backend_key):
         num_rows = sum(rows_per_expert)
         num_experts = weight.shape[0]
         offsets = torch.cumsum(expert_counts, 0, dtype=torch.int32)
@@ -236,21 +252,25 @@ class _GroupedMMLinear(torch.autograd.Function):
                     f"{tuple(rows.shape)} x {tuple(weight.shape)}: {err}",
                 ) from err
             out.add_(bias.index_select(0, row_expert))
-        ctx.save_for_backward(x, weight, row_index, offsets, row_expert)
+            if relu:
+                out.relu_()
+        ctx.save_for_backward(x, weight, row_index, offsets, row_expert, out if relu else None)
         ctx.rows_per_expert = rows_per_expert
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, row_index, offsets, row_expert = ctx.saved_tensors
+        x, weight, row_index, offsets, row_expert, out = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_out.shape[0] == 0:  # nothing routed: torch's GEMM rejects an empty jagged dim
             return (
                 torch.zeros_like(x) if need_x else None,
                 torch.zeros_like(weight) if need_w else None,
                 weight.new_zeros(weight.shape[:2]) if need_b else None,
-                None, None, None, None,
+                None, None, None, None, None,
             )
+        if out is not None:
+            grad_out = _relu_backward(grad_out, out)
         grad_out = _aligned(grad_out)
         grad_x = grad_w = grad_b = None
         if need_x:
@@ -264,4 +284,4 @@ class _GroupedMMLinear(torch.autograd.Function):
             grad_b = grad_b.index_add_(0, row_expert, grad_out.float()).to(weight.dtype)
         # Some grouped kernels leave garbage in the slices of empty groups (pytorch#172439).
         _zero_idle(ctx.rows_per_expert, grad_w, grad_b)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
