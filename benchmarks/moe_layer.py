@@ -3,6 +3,7 @@
     python benchmarks/moe_layer.py                 # default grid, ~15 min on 2 CPU cores
     python benchmarks/moe_layer.py --quick         # smoke run
     python benchmarks/moe_layer.py --full          # every E x k x shared x N for every layer
+    python benchmarks/moe_layer.py --device cuda --expert-backend grouped_mm   # on a GPU
 
 Contenders on the same inputs, timed alternately in one process:
   dense  one expert MLP (the layer HI-MoE replaces)
@@ -10,7 +11,8 @@ Contenders on the same inputs, timed alternately in one process:
   naive  same router, every expert on every instance, combined afterwards (the pattern of the
          published reference code)
 Reported: per-repeat time ratios to dense (median, min-max), for forward+backward ("train") and
-no-grad forward ("infer"). Target: himoe <= 1.10 x (k + shared) and flat in E.
+no-grad forward ("infer"). Target: himoe <= 1.10 x (k + shared) and flat in E. Training
+contenders start every call with cleared gradients, as after ``optimizer.zero_grad()``.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ from typing import Callable, Dict, List
 import torch
 from tqdm import tqdm
 
-from himoe_plugin.core import DenseMLP, HierarchicalRouter, MoEConfig, MoEMLP
+from himoe_plugin.core import EXPERT_BACKENDS, DenseMLP, HierarchicalRouter, MoEConfig, MoEMLP
 
-from timing import compare, fmt_ratio, ratio_summary, write_results
+from timing import add_device_argument, compare, fmt_ratio, ratio_summary, write_results
 
 LAYERS = {
     "box_fc1": ([12544, 1024], True),  # fc6 of the Faster R-CNN box head (256x7x7 -> 1024)
@@ -66,32 +68,42 @@ def _mlp_of(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def contenders(layer: str, num_experts: int, top_k: int, shared: bool, n: int, train: bool, with_naive: bool
+def contenders(layer: str, num_experts: int, top_k: int, shared: bool, n: int, train: bool, with_naive: bool,
+               device: torch.device = torch.device("cpu"), expert_backend: str = "auto",
                ) -> Dict[str, Callable[[], object]]:
     dims, activate_output = LAYERS[layer]
     torch.manual_seed(0)
     config = MoEConfig(num_experts=num_experts, top_k=top_k, scene_top_k=max(top_k, num_experts // 2),
                        shared_expert=shared)
-    router = HierarchicalRouter(config, scene_dim=256, instance_dim=dims[0]).train(train)
-    moe = MoEMLP(num_experts, dims, shared_expert=shared, activate_output=activate_output)
-    dense = DenseMLP(dims, activate_output)
+    router = HierarchicalRouter(config, scene_dim=256, instance_dim=dims[0]).train(train).to(device)
+    moe = MoEMLP(num_experts, dims, shared_expert=shared, activate_output=activate_output,
+                 expert_backend=expert_backend).to(device)
+    dense = DenseMLP(dims, activate_output).to(device)
     naive = NaiveMoE(moe)
-    x = torch.randn(n, dims[0], requires_grad=train)
-    scene = torch.randn(NUM_IMAGES, 256)
-    image_index = torch.arange(n) * NUM_IMAGES // n
+    x = torch.randn(n, dims[0], device=device, requires_grad=train)
+    scene = torch.randn(NUM_IMAGES, 256, device=device)
+    image_index = torch.arange(n, device=device) * NUM_IMAGES // n
+
+    def clear_grads(*modules):
+        x.grad = None
+        for module in modules:
+            module.zero_grad(set_to_none=True)
 
     def run_dense():
+        clear_grads(dense)
         out = dense(x)
         if train:
             out.sum().backward()
 
     def run_himoe():
+        clear_grads(router, moe)
         routing = router(scene, x, image_index)
         out = moe(x, routing.plan)
         if train:
             (out.sum() + sum(routing.losses.values())).backward()
 
     def run_naive():
+        clear_grads(router, moe)
         routing = router(scene, x, image_index)
         out = naive(x, routing.expert_index, routing.combine_weight)
         if train:
@@ -143,15 +155,19 @@ def main() -> None:
     mode.add_argument("--full", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--name", default="moe_layer")
+    parser.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS)
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], help="run only the rows of these k")
+    add_device_argument(parser)
     args = parser.parse_args()
-    rows = grid("quick" if args.quick else "full" if args.full else "default")
+    rows = [r for r in grid("quick" if args.quick else "full" if args.full else "default") if r["k"] in args.top_k]
 
     results = []
     for row in tqdm(rows, desc="MoE layer configs"):
         for phase in ("train", "infer"):
             seconds = compare(
-                contenders(row["layer"], row["E"], row["k"], row["shared"], row["N"], phase == "train", row["naive"]),
-                repeats=args.repeats,
+                contenders(row["layer"], row["E"], row["k"], row["shared"], row["N"], phase == "train", row["naive"],
+                           args.device, args.expert_backend),
+                repeats=args.repeats, device=args.device,
             )
             results.append(dict(row, phase=phase, target=1.10 * (row["k"] + row["shared"]),
                                 summary=ratio_summary(seconds, "dense"), seconds=seconds))
@@ -167,7 +183,8 @@ def main() -> None:
             f"| {r['layer']} | {r['E']} | {r['k']} | {'on' if r['shared'] else 'off'} | {r['N']} | {r['phase']} "
             f"| {1000 * s['dense']['median_s']:.1f} | {fmt_ratio(s['himoe'])} | {r['target']:.2f} | {naive} |"
         )
-    path = write_results(args.name, {"repeats": args.repeats, "results": results}, lines)
+    payload = {"repeats": args.repeats, "expert_backend": args.expert_backend, "results": results}
+    path = write_results(args.name, payload, lines, args.device)
     plot(results, path.with_suffix(".png"))
     print("\n".join(lines))
     print(f"\nwrote {path}")
