@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from d2_helpers import REPO_ROOT
+from d2_helpers import CONFIGS, LAZYCONFIG_TOOL, REPO_ROOT
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
@@ -51,6 +51,22 @@ def test_crafted_pkl_is_refused_and_runs_nothing(tmp_path, protocol, checkpointe
     with open(path, "rb") as f:
         pickle.load(f)
     assert marker.exists()
+
+
+def test_stock_lazyconfig_tool_refuses_a_crafted_init_checkpoint(tmp_path, data_root):
+    """Detectron2's own lazyconfig_train_net.py: the LazyConfig imports the plugin, which patches
+    the checkpointer before ``train.init_checkpoint`` is read."""
+    path, marker = malicious_pkl(tmp_path, 2)
+    command = [
+        sys.executable, str(LAZYCONFIG_TOOL), "--eval-only",
+        "--config-file", str(CONFIGS / "aquarium" / "himoe_faster_rcnn_R_18_FPN_aquarium.py"),
+        "train.device=cpu", f"train.output_dir={tmp_path}", f"train.init_checkpoint={path}",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, HIMOE_DATA_ROOT=str(data_root)))
+    assert run.returncode != 0
+    assert f"RefusedPickleError: {path}: refused to load global" in run.stderr, run.stderr[-2000:]
+    assert not marker.exists()
 
 
 def test_other_globals_are_refused(tmp_path):
