@@ -3,7 +3,7 @@
     python benchmarks/moe_layer.py                 # default grid, ~15 min on 2 CPU cores
     python benchmarks/moe_layer.py --quick         # smoke run
     python benchmarks/moe_layer.py --full          # every E x k x shared x N for every layer
-    python benchmarks/moe_layer.py --device cuda --expert-backend grouped_mm   # on a GPU
+    python benchmarks/moe_layer.py --device cuda --autocast bfloat16 --expert-backend grouped_mm   # GPU
 
 Contenders on the same inputs, timed alternately in one process:
   dense  one expert MLP (the layer HI-MoE replaces)
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -70,7 +70,7 @@ def _mlp_of(experts, e: int, x: torch.Tensor) -> torch.Tensor:
 
 def contenders(layer: str, num_experts: int, top_k: int, shared: bool, n: int, train: bool, with_naive: bool,
                device: torch.device = torch.device("cpu"), expert_backend: str = "auto",
-               ) -> Dict[str, Callable[[], object]]:
+               autocast: Optional[torch.dtype] = None) -> Dict[str, Callable[[], object]]:
     dims, activate_output = LAYERS[layer]
     torch.manual_seed(0)
     config = MoEConfig(num_experts=num_experts, top_k=top_k, scene_top_k=max(top_k, num_experts // 2),
@@ -112,14 +112,13 @@ def contenders(layer: str, num_experts: int, top_k: int, shared: bool, n: int, t
     chosen = {"dense": run_dense, "himoe": run_himoe}
     if with_naive:
         chosen["naive"] = run_naive
-    if train:
-        return chosen
-    return {name: _no_grad(fn) for name, fn in chosen.items()}
+    return {name: _in_context(fn, train, device, autocast) for name, fn in chosen.items()}
 
 
-def _no_grad(fn):
+def _in_context(fn, train: bool, device: torch.device, autocast: Optional[torch.dtype]):
+    """``fn`` under no_grad unless training, and under autocast when ``autocast`` is a dtype."""
     def run():
-        with torch.no_grad():
+        with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             fn()
     return run
 
@@ -157,6 +156,8 @@ def main() -> None:
     parser.add_argument("--name", default="moe_layer")
     parser.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS)
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], help="run only the rows of these k")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                        help="run every contender under torch.autocast with this dtype")
     add_device_argument(parser)
     args = parser.parse_args()
     rows = [r for r in grid("quick" if args.quick else "full" if args.full else "default") if r["k"] in args.top_k]
@@ -166,7 +167,7 @@ def main() -> None:
         for phase in ("train", "infer"):
             seconds = compare(
                 contenders(row["layer"], row["E"], row["k"], row["shared"], row["N"], phase == "train", row["naive"],
-                           args.device, args.expert_backend),
+                           args.device, args.expert_backend, getattr(torch, args.autocast) if args.autocast else None),
                 repeats=args.repeats, device=args.device,
             )
             results.append(dict(row, phase=phase, target=1.10 * (row["k"] + row["shared"]),
@@ -183,7 +184,8 @@ def main() -> None:
             f"| {r['layer']} | {r['E']} | {r['k']} | {'on' if r['shared'] else 'off'} | {r['N']} | {r['phase']} "
             f"| {1000 * s['dense']['median_s']:.1f} | {fmt_ratio(s['himoe'])} | {r['target']:.2f} | {naive} |"
         )
-    payload = {"repeats": args.repeats, "expert_backend": args.expert_backend, "results": results}
+    payload = {"repeats": args.repeats, "expert_backend": args.expert_backend, "autocast": args.autocast,
+               "results": results}
     path = write_results(args.name, payload, lines, args.device)
     plot(results, path.with_suffix(".png"))
     print("\n".join(lines))
