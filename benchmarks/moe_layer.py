@@ -4,6 +4,7 @@
     python benchmarks/moe_layer.py --quick         # smoke run
     python benchmarks/moe_layer.py --full          # every E x k x shared x N for every layer
     python benchmarks/moe_layer.py --device cuda --autocast bfloat16 --expert-backend grouped_mm   # GPU
+    python benchmarks/moe_layer.py --top-k 1 --timer cpu --threads 1   # CPU time, on a busy machine
 
 Contenders on the same inputs, timed alternately in one process:
   dense  one expert MLP (the layer HI-MoE replaces)
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from himoe_plugin.core import EXPERT_BACKENDS, DenseMLP, HierarchicalRouter, MoEConfig, MoEMLP
 
-from timing import add_device_argument, compare, fmt_ratio, ratio_summary, write_results
+from timing import (add_device_argument, add_timer_arguments, apply_timer_arguments, compare, fmt_ratio,
+                    ratio_summary, write_results)
 
 LAYERS = {
     "box_fc1": ([12544, 1024], True),  # fc6 of the Faster R-CNN box head (256x7x7 -> 1024)
@@ -159,7 +161,9 @@ def main() -> None:
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
                         help="run every contender under torch.autocast with this dtype")
     add_device_argument(parser)
+    add_timer_arguments(parser)
     args = parser.parse_args()
+    apply_timer_arguments(args)
     rows = [r for r in grid("quick" if args.quick else "full" if args.full else "default") if r["k"] in args.top_k]
 
     results = []
@@ -168,7 +172,7 @@ def main() -> None:
             seconds = compare(
                 contenders(row["layer"], row["E"], row["k"], row["shared"], row["N"], phase == "train", row["naive"],
                            args.device, args.expert_backend, getattr(torch, args.autocast) if args.autocast else None),
-                repeats=args.repeats, device=args.device,
+                repeats=args.repeats, device=args.device, timer=args.timer,
             )
             results.append(dict(row, phase=phase, target=1.10 * (row["k"] + row["shared"]),
                                 summary=ratio_summary(seconds, "dense"), seconds=seconds))
@@ -185,7 +189,7 @@ def main() -> None:
             f"| {1000 * s['dense']['median_s']:.1f} | {fmt_ratio(s['himoe'])} | {r['target']:.2f} | {naive} |"
         )
     payload = {"repeats": args.repeats, "expert_backend": args.expert_backend, "autocast": args.autocast,
-               "results": results}
+               "timer": args.timer, "threads": torch.get_num_threads(), "results": results}
     path = write_results(args.name, payload, lines, args.device)
     plot(results, path.with_suffix(".png"))
     print("\n".join(lines))

@@ -3,6 +3,9 @@
 Every benchmark times its contenders in the same process, alternating them within each repeat,
 and reports per-repeat ratios to a baseline (median and min-max), never absolute targets.
 On CUDA the timers wait for the device (``torch.cuda.synchronize``) before starting and stopping.
+The ``cpu`` timer counts the process's CPU time instead of wall time: on a machine whose cores are
+oversubscribed by other jobs, waiting for a time slice then costs nothing (use it with one
+thread; shared caches and memory bandwidth still add noise).
 """
 from __future__ import annotations
 
@@ -17,11 +20,26 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=parse_device, default="cpu",
                         help="torch device to run on: cpu (default), cuda, cuda:1, ...")
+
+
+def add_timer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timer", choices=list(TIMERS), default="wall",
+                        help="wall time (default) or this process's CPU time (CPU runs only)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def apply_timer_arguments(args: argparse.Namespace) -> None:
+    """Checks ``--timer`` against ``--device`` and sets ``--threads``."""
+    if args.timer == "cpu" and args.device.type != "cpu":
+        raise SystemExit("--timer cpu measures CPU time: use it with --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def parse_device(name: str) -> torch.device:
@@ -41,12 +59,13 @@ def synchronize(device: Optional[torch.device]) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: Optional[torch.device] = None) -> float:
+def time_call(fn: Callable[[], object], device: Optional[torch.device] = None, timer: str = "wall") -> float:
+    clock = TIMERS[timer]
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def compare(
@@ -54,6 +73,7 @@ def compare(
     repeats: int,
     warmup: int = 1,
     device: Optional[torch.device] = None,
+    timer: str = "wall",
 ) -> Dict[str, List[float]]:
     """Seconds per call of every contender; each repeat runs all of them, in rotating order."""
     names = list(contenders)
@@ -64,7 +84,7 @@ def compare(
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            seconds[name].append(time_call(contenders[name], device))
+            seconds[name].append(time_call(contenders[name], device, timer))
     return seconds
 
 
