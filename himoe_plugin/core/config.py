@@ -12,6 +12,7 @@ EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
 #: torch's grouped GEMM needs 16-byte aligned row strides: widths a multiple of 8 (16-bit types).
 GROUPED_MM_ALIGNMENT = 8
 
+
 class MoEConfigError(ValueError):
     """An invalid HI-MoE setting. ``key`` names the setting as the user wrote it."""
 

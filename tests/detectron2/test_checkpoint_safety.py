@@ -134,18 +134,13 @@ def test_publish_tool_turns_a_model_zoo_pkl_into_a_weights_only_pth(tmp_path):
     weights = numpy_state(TinyNet())
     path = tmp_path / "zoo.pkl"
     path.write_bytes(pickle.dumps({"model": weights, "__author__": "Detectron2 Model Zoo"}))
-    run = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "publish_detectron2_model.py"), str(path), str(tmp_path / "zoo.pth")],
-        capture_output=True, text=True, timeout=300,
-    )
+    publish = [sys.executable, str(REPO_ROOT / "tools" / "publish_detectron2_model.py")]
+    run = subprocess.run(publish + [str(path), str(tmp_path / "zoo.pth")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     published = torch.load(run.stdout.strip(), map_location="cpu", weights_only=True)
     for name, value in weights.items():
         assert torch.equal(published["model"][name], torch.from_numpy(value)), name
     evil, marker = malicious_pkl(tmp_path, 2)
-    run = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "publish_detectron2_model.py"), str(evil), str(tmp_path / "e.pth")],
-        capture_output=True, text=True, timeout=300,
-    )
+    run = subprocess.run(publish + [str(evil), str(tmp_path / "e.pth")], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "refused to load global 'posix.system'" in run.stderr
     assert not marker.exists()
