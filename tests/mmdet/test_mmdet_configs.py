@@ -68,6 +68,10 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1000))
         cfg = Config.fromfile(str(config))
         assert cfg.randomness.seed == 42
         cfg.work_dir = str(tmp_path / name)
+        # Own names: MMEngine keeps visualizers and message hubs as process-wide named instances,
+        # and a later Runner asking for the config's 'visualizer' would get this run's one.
+        cfg.experiment_name = f'reproducibility_{name}'
+        cfg.visualizer.name = f'reproducibility_{name}'
         runner = Runner.from_cfg(cfg)
         runner.train()
         losses = runner.message_hub.get_scalar('train/loss').data[0].tolist()
