@@ -15,13 +15,17 @@ import os
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from himoe_plugin.detectron2 import get_himoe_cfg, register_bundled_datasets, register_coco_dataset
+from himoe_plugin.detectron2 import (
+    SafeDetectionCheckpointer,
+    get_himoe_cfg,
+    register_bundled_datasets,
+    register_coco_dataset,
+)
 from himoe_plugin.detectron2.config import validate_himoe_cfg
 from himoe_plugin.detectron2.data import default_data_root
 from himoe_plugin.detectron2.engine import HIMoETrainer, launch
@@ -56,7 +60,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = HIMoETrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = HIMoETrainer.test(cfg, model)

@@ -1,6 +1,6 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
 from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics
-from .config import MoEConfig, MoEConfigError, check_contiguous_layers
+from .config import EXPERT_BACKENDS, MoEConfig, MoEConfigError, check_contiguous_layers, check_expert_backend
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
 from .losses import (
@@ -30,6 +30,8 @@ __all__ = [
     "MoEConfig",
     "MoEConfigError",
     "check_contiguous_layers",
+    "check_expert_backend",
+    "EXPERT_BACKENDS",
     "DispatchPlan",
     "build_dispatch_plan",
     "DenseMLP",

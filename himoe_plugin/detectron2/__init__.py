@@ -1,6 +1,7 @@
 """Detectron2 adapter: ``InstanceMoEROIHead`` and ``MoEConvFCBoxHead`` on top of the core.
 
-Importing this package registers both in Detectron2's registries.
+Importing this package registers both in Detectron2's registries, and makes Detectron2's
+``DetectionCheckpointer`` load ``.pkl`` weights with a restricted unpickler (``checkpoint.py``).
 """
 try:
     import detectron2  # noqa: F401
@@ -11,9 +12,12 @@ except ImportError as err:  # pragma: no cover - exercised only without detectro
     ) from err
 
 from .box_head import MoEConvFCBoxHead
+from .checkpoint import RefusedPickleError, SafeDetectionCheckpointer, install_safe_pkl_loading
 from .config import HIMoECfgNode, add_himoe_config, get_himoe_cfg, moe_config_from_cfg
 from .data import register_bundled_datasets, register_coco_dataset
 from .roi_heads import InstanceMoEROIHead
+
+install_safe_pkl_loading()
 
 __all__ = [
     "MoEConvFCBoxHead",
@@ -24,4 +28,6 @@ __all__ = [
     "moe_config_from_cfg",
     "register_bundled_datasets",
     "register_coco_dataset",
+    "RefusedPickleError",
+    "SafeDetectionCheckpointer",
 ]
