@@ -2,6 +2,7 @@
 
     python benchmarks/detector.py                    # short side 512, ~7 min on 2 CPU cores
     python benchmarks/detector.py --size 800 --frameworks detectron2
+    python benchmarks/detector.py --device cuda
 
 For each framework: the stock dense Faster R-CNN R50-FPN and HI-MoE (8 experts in 4 groups,
 scene keeps 2 groups) at k=1 and k=2, built with the same seed (identical backbone, RPN and
@@ -22,7 +23,7 @@ from typing import Callable, Dict, List
 import torch
 from tqdm import tqdm
 
-from timing import compare, fmt_ratio, ratio_summary, write_results
+from timing import add_device_argument, compare, fmt_ratio, ratio_summary, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"dense": None, "himoe_k1": 1, "himoe_k2": 2}
@@ -79,7 +80,7 @@ def parameter_counts(model: torch.nn.Module, experts: torch.nn.Module, top_k: in
 
 
 # ----------------------------------------------------------------------------- Detectron2
-def detectron2_models(size: int):
+def detectron2_models(size: int, device: torch.device):
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.data import transforms as T
     from detectron2.modeling import build_model
@@ -90,7 +91,7 @@ def detectron2_models(size: int):
     from himoe_plugin.detectron2 import get_himoe_cfg, register_bundled_datasets
 
     register_bundled_datasets(str(data_root()))
-    common = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "BN",
+    common = ["MODEL.DEVICE", str(device), "MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "BN",
               "MODEL.BACKBONE.FREEZE_AT", "0", "INPUT.MIN_SIZE_TEST", str(size), "SOLVER.BASE_LR", "0.001"]
 
     def cfg_of(top_k):
@@ -171,7 +172,7 @@ val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
 """
 
 
-def mmdet_models(size: int):
+def mmdet_models(size: int, device: torch.device):
     from functools import partial
 
     from mmengine.analysis import FlopAnalyzer
@@ -208,6 +209,7 @@ def mmdet_models(size: int):
         # draw the same ones in every variant.
         torch.manual_seed(0)
         model.init_weights()
+        model.to(device)
         calibrate_batch_norm(model, lambda model=model: model.extract_feat(
             model.data_preprocessor(train_batch, True)["inputs"]))
         optim = build_optim_wrapper(model, dict(optimizer=dict(type="SGD", lr=0.001, momentum=0.9)))
@@ -248,13 +250,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="short side of the input images")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS))
+    add_device_argument(parser)
     args = parser.parse_args()
 
     results: List[dict] = []
     for framework in tqdm(args.frameworks, desc="frameworks"):
-        infer, train, info = FRAMEWORKS[framework](args.size)
+        infer, train, info = FRAMEWORKS[framework](args.size, args.device)
         for phase, contenders in (("infer", infer), ("train", train)):
-            seconds = compare(contenders, repeats=args.repeats)
+            seconds = compare(contenders, repeats=args.repeats, device=args.device)
             results.append(dict(framework=framework, phase=phase, info=info,
                                 summary=ratio_summary(seconds, "dense"), seconds=seconds))
 
@@ -275,7 +278,8 @@ def main() -> None:
         for name, i in r["info"].items():
             lines.append(f"| {r['framework']} | {name} | {i['params']['total'] / 1e6:.1f} | "
                          f"{i['params']['active'] / 1e6:.1f} | {i['gmacs']:.1f} | {i['box_head_gmacs']:.2f} |")
-    path = write_results("detector", {"size": args.size, "repeats": args.repeats, "results": results}, lines)
+    path = write_results("detector", {"size": args.size, "repeats": args.repeats, "results": results}, lines,
+                         args.device)
     print("\n".join(lines))
     print(f"\nwrote {path}")
 

@@ -3,6 +3,8 @@
     python benchmarks/moe_layer.py                 # default grid, ~15 min on 2 CPU cores
     python benchmarks/moe_layer.py --quick         # smoke run
     python benchmarks/moe_layer.py --full          # every E x k x shared x N for every layer
+    python benchmarks/moe_layer.py --device cuda --autocast bfloat16 --expert-backend grouped_mm   # GPU
+    python benchmarks/moe_layer.py --top-k 1 --timer cpu --threads 1   # CPU time, on a busy machine
 
 Contenders on the same inputs, timed alternately in one process:
   dense  one expert MLP (the layer HI-MoE replaces)
@@ -10,20 +12,22 @@ Contenders on the same inputs, timed alternately in one process:
   naive  same router, every expert on every instance, combined afterwards (the pattern of the
          published reference code)
 Reported: per-repeat time ratios to dense (median, min-max), for forward+backward ("train") and
-no-grad forward ("infer"). Target: himoe <= 1.10 x (k + shared) and flat in E.
+no-grad forward ("infer"). Target: himoe <= 1.10 x (k + shared) and flat in E. Training
+contenders start every call with cleared gradients, as after ``optimizer.zero_grad()``.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from tqdm import tqdm
 
-from himoe_plugin.core import DenseMLP, HierarchicalRouter, MoEConfig, MoEMLP
+from himoe_plugin.core import EXPERT_BACKENDS, DenseMLP, HierarchicalRouter, MoEConfig, MoEMLP
 
-from timing import compare, fmt_ratio, ratio_summary, write_results
+from timing import (add_device_argument, add_timer_arguments, apply_timer_arguments, compare, fmt_ratio,
+                    ratio_summary, write_results)
 
 LAYERS = {
     "box_fc1": ([12544, 1024], True),  # fc6 of the Faster R-CNN box head (256x7x7 -> 1024)
@@ -66,32 +70,42 @@ def _mlp_of(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def contenders(layer: str, num_experts: int, top_k: int, shared: bool, n: int, train: bool, with_naive: bool
-               ) -> Dict[str, Callable[[], object]]:
+def contenders(layer: str, num_experts: int, top_k: int, shared: bool, n: int, train: bool, with_naive: bool,
+               device: torch.device = torch.device("cpu"), expert_backend: str = "auto",
+               autocast: Optional[torch.dtype] = None) -> Dict[str, Callable[[], object]]:
     dims, activate_output = LAYERS[layer]
     torch.manual_seed(0)
     config = MoEConfig(num_experts=num_experts, top_k=top_k, scene_top_k=max(top_k, num_experts // 2),
                        shared_expert=shared)
-    router = HierarchicalRouter(config, scene_dim=256, instance_dim=dims[0]).train(train)
-    moe = MoEMLP(num_experts, dims, shared_expert=shared, activate_output=activate_output)
-    dense = DenseMLP(dims, activate_output)
+    router = HierarchicalRouter(config, scene_dim=256, instance_dim=dims[0]).train(train).to(device)
+    moe = MoEMLP(num_experts, dims, shared_expert=shared, activate_output=activate_output,
+                 expert_backend=expert_backend).to(device)
+    dense = DenseMLP(dims, activate_output).to(device)
     naive = NaiveMoE(moe)
-    x = torch.randn(n, dims[0], requires_grad=train)
-    scene = torch.randn(NUM_IMAGES, 256)
-    image_index = torch.arange(n) * NUM_IMAGES // n
+    x = torch.randn(n, dims[0], device=device, requires_grad=train)
+    scene = torch.randn(NUM_IMAGES, 256, device=device)
+    image_index = torch.arange(n, device=device) * NUM_IMAGES // n
+
+    def clear_grads(*modules):
+        x.grad = None
+        for module in modules:
+            module.zero_grad(set_to_none=True)
 
     def run_dense():
+        clear_grads(dense)
         out = dense(x)
         if train:
             out.sum().backward()
 
     def run_himoe():
+        clear_grads(router, moe)
         routing = router(scene, x, image_index)
         out = moe(x, routing.plan)
         if train:
             (out.sum() + sum(routing.losses.values())).backward()
 
     def run_naive():
+        clear_grads(router, moe)
         routing = router(scene, x, image_index)
         out = naive(x, routing.expert_index, routing.combine_weight)
         if train:
@@ -100,14 +114,13 @@ def contenders(layer: str, num_experts: int, top_k: int, shared: bool, n: int, t
     chosen = {"dense": run_dense, "himoe": run_himoe}
     if with_naive:
         chosen["naive"] = run_naive
-    if train:
-        return chosen
-    return {name: _no_grad(fn) for name, fn in chosen.items()}
+    return {name: _in_context(fn, train, device, autocast) for name, fn in chosen.items()}
 
 
-def _no_grad(fn):
+def _in_context(fn, train: bool, device: torch.device, autocast: Optional[torch.dtype]):
+    """``fn`` under no_grad unless training, and under autocast when ``autocast`` is a dtype."""
     def run():
-        with torch.no_grad():
+        with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             fn()
     return run
 
@@ -143,15 +156,23 @@ def main() -> None:
     mode.add_argument("--full", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--name", default="moe_layer")
+    parser.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS)
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], help="run only the rows of these k")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                        help="run every contender under torch.autocast with this dtype")
+    add_device_argument(parser)
+    add_timer_arguments(parser)
     args = parser.parse_args()
-    rows = grid("quick" if args.quick else "full" if args.full else "default")
+    apply_timer_arguments(args)
+    rows = [r for r in grid("quick" if args.quick else "full" if args.full else "default") if r["k"] in args.top_k]
 
     results = []
     for row in tqdm(rows, desc="MoE layer configs"):
         for phase in ("train", "infer"):
             seconds = compare(
-                contenders(row["layer"], row["E"], row["k"], row["shared"], row["N"], phase == "train", row["naive"]),
-                repeats=args.repeats,
+                contenders(row["layer"], row["E"], row["k"], row["shared"], row["N"], phase == "train", row["naive"],
+                           args.device, args.expert_backend, getattr(torch, args.autocast) if args.autocast else None),
+                repeats=args.repeats, device=args.device, timer=args.timer,
             )
             results.append(dict(row, phase=phase, target=1.10 * (row["k"] + row["shared"]),
                                 summary=ratio_summary(seconds, "dense"), seconds=seconds))
@@ -167,7 +188,9 @@ def main() -> None:
             f"| {r['layer']} | {r['E']} | {r['k']} | {'on' if r['shared'] else 'off'} | {r['N']} | {r['phase']} "
             f"| {1000 * s['dense']['median_s']:.1f} | {fmt_ratio(s['himoe'])} | {r['target']:.2f} | {naive} |"
         )
-    path = write_results(args.name, {"repeats": args.repeats, "results": results}, lines)
+    payload = {"repeats": args.repeats, "expert_backend": args.expert_backend, "autocast": args.autocast,
+               "timer": args.timer, "threads": torch.get_num_threads(), "results": results}
+    path = write_results(args.name, payload, lines, args.device)
     plot(results, path.with_suffix(".png"))
     print("\n".join(lines))
     print(f"\nwrote {path}")

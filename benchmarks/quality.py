@@ -21,14 +21,14 @@ from typing import Dict, List
 
 from tqdm import tqdm
 
-from timing import RESULTS_DIR, write_results
+from timing import RESULTS_DIR, add_device_argument, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs" / "detectron2" / "aquarium"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def run(yaml: Path, output_dir: Path, iters: int, seed: int, weights: str, device: str, extra=()) -> Dict:
+def run(yaml: Path, output_dir: Path, iters: int, seed: int, weights: str, device, extra=()) -> Dict:
     """Train ``iters`` iterations from ``weights`` (fresh schedule), then evaluate on valid."""
     from detectron2.utils.env import seed_all_rng
 
@@ -38,7 +38,7 @@ def run(yaml: Path, output_dir: Path, iters: int, seed: int, weights: str, devic
     cfg = get_himoe_cfg()
     cfg.merge_from_file(str(yaml))
     cfg.merge_from_list([
-        "MODEL.DEVICE", device, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(output_dir), "SEED", str(seed),
+        "MODEL.DEVICE", str(device), "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(output_dir), "SEED", str(seed),
         "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)},)",
         "SOLVER.WARMUP_ITERS", str(min(100, iters // 10)), "SOLVER.CHECKPOINT_PERIOD", str(iters),
         "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", *extra,  # evaluated once, below
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--continue-iters", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--upcycle-noise", type=float, default=0.01)
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
     parser.add_argument("--work-dir", default=str(REPO_ROOT / "output" / "benchmark_quality"))
     args = parser.parse_args()
     logging.getLogger("detectron2").setLevel(logging.WARNING)
@@ -102,7 +102,8 @@ def main() -> None:
         chosen = [r for r in runs if r["variant"] == variant and r["name"] != "pretrain"]
         means[variant] = {m: sum(r["metrics"][m] for r in chosen) / len(chosen) for m in METRICS}
         lines.append(f"| **mean {variant}** | - | " + " | ".join(f"{means[variant][m]:.2f}" for m in METRICS) + " | |")
-    write_results("quality", {"args": vars(args), "runs": runs, "means": means}, lines)
+    write_results("quality", {"args": dict(vars(args), device=str(args.device)), "runs": runs, "means": means},
+                  lines, args.device)
     (RESULTS_DIR / "quality_partial.json").unlink(missing_ok=True)
     plot(runs, RESULTS_DIR / "quality.png")
     print("\n".join(lines))

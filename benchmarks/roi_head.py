@@ -2,6 +2,7 @@
 
     python benchmarks/roi_head.py              # Detectron2 and MMDetection, ~3 min on 2 cores
     python benchmarks/roi_head.py --quick
+    python benchmarks/roi_head.py --device cuda
 
 Shapes: training = 512 sampled RoIs x 2 images (forward + backward of box head and predictor);
 inference = 1000 proposals x 2 images (no-grad forward). HI-MoE: 8 experts in 4 groups, scene
@@ -15,7 +16,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from tqdm import tqdm
 
-from timing import compare, fmt_ratio, ratio_summary, write_results
+from timing import add_device_argument, compare, fmt_ratio, ratio_summary, write_results
 
 NUM_IMAGES = 2
 SHAPES = {"train": 512, "infer": 1000}  # RoIs per image
@@ -89,15 +90,16 @@ def mmdet_heads(top_k: int, shared: bool):
 FRAMEWORKS = {"detectron2": detectron2_heads, "mmdet": mmdet_heads}
 
 
-def contenders(framework: str, top_k: int, shared: bool, phase: str) -> Dict[str, Callable[[], object]]:
+def contenders(framework: str, top_k: int, shared: bool, phase: str, device: torch.device
+               ) -> Dict[str, Callable[[], object]]:
     dense, himoe, modules = FRAMEWORKS[framework](top_k, shared)
     train = phase == "train"
     for module in modules:
-        module.train(train)
+        module.train(train).to(device)
     n = SHAPES[phase] * NUM_IMAGES
-    features = torch.relu(torch.randn(n, 256, 7, 7))
-    image_index = torch.arange(n) * NUM_IMAGES // n
-    scene = torch.randn(NUM_IMAGES, 256)
+    features = torch.relu(torch.randn(n, 256, 7, 7, device=device))
+    image_index = torch.arange(n, device=device) * NUM_IMAGES // n
+    scene = torch.randn(NUM_IMAGES, 256, device=device)
 
     def wrap(fn):
         def run():
@@ -119,13 +121,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS))
+    add_device_argument(parser)
     args = parser.parse_args()
     variants = VARIANTS[:2] if args.quick else VARIANTS
     repeats = 3 if args.quick else args.repeats
     jobs = [(f, k, s, p) for f in args.frameworks for k, s in variants for p in ("train", "infer")]
     results: List[dict] = []
     for framework, top_k, shared, phase in tqdm(jobs, desc="ROI head configs"):
-        seconds = compare(contenders(framework, top_k, shared, phase), repeats=repeats)
+        seconds = compare(contenders(framework, top_k, shared, phase, args.device), repeats=repeats, device=args.device)
         results.append(dict(framework=framework, k=top_k, shared=shared, phase=phase,
                             rois=SHAPES[phase] * NUM_IMAGES, target=1.10 * (top_k + shared),
                             summary=ratio_summary(seconds, "dense"), seconds=seconds))
@@ -137,7 +140,7 @@ def main() -> None:
         s = r["summary"]
         lines.append(f"| {r['framework']} | {r['k']} | {'on' if r['shared'] else 'off'} | {r['phase']} | {r['rois']} "
                      f"| {1000 * s['dense']['median_s']:.1f} | {fmt_ratio(s['himoe'])} | {r['target']:.2f} |")
-    path = write_results("roi_head", {"repeats": repeats, "results": results}, lines)
+    path = write_results("roi_head", {"repeats": repeats, "results": results}, lines, args.device)
     print("\n".join(lines))
     print(f"\nwrote {path}")
 

@@ -19,7 +19,6 @@ from typing import Callable, List, Tuple
 
 import numpy as np
 import tqdm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
@@ -28,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 from fvcore.nn import flop_count_table
 
 from himoe_plugin.core import count_parameters
+from himoe_plugin.detectron2 import SafeDetectionCheckpointer
 from himoe_plugin.detectron2.config import load_tool_cfg
 from himoe_plugin.detectron2.data import add_dataset_arguments, register_datasets_from_args
 
@@ -46,7 +46,7 @@ def setup(args):
 
 def trained_model(cfg):
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model.eval()
 
 

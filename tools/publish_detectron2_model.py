@@ -6,17 +6,26 @@
 Keeps only the model weights (drops optimizer, scheduler and iteration), and names the output
 ``<stem>-<first 8 hex digits of its sha256>.pth``. The HI-MoE heads' ``num_experts`` buffers stay,
 so loading the file into a model configured with another number of experts fails clearly.
+Inputs load safely: ``.pth`` with ``torch.load(weights_only=True)``, Detectron2 model-zoo ``.pkl``
+with the plugin's restricted unpickler (numpy arrays become tensors).
 """
 import argparse
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from himoe_plugin.detectron2.checkpoint import load_pkl
 
 
 def publish(in_file: Path, out_file: Path) -> Path:
-    checkpoint = torch.load(in_file, map_location="cpu")
+    if in_file.suffix == ".pkl":
+        checkpoint = load_pkl(str(in_file))
+    else:
+        checkpoint = torch.load(in_file, map_location="cpu", weights_only=True)
     model = checkpoint["model"] if "model" in checkpoint else checkpoint
+    model = {name: torch.as_tensor(value) if isinstance(value, np.ndarray) else value for name, value in model.items()}
     torch.save({"model": model, "__author__": "himoe-plugin"}, out_file)
     digest = hashlib.sha256(out_file.read_bytes()).hexdigest()[:8]
     final = out_file.with_name(f"{out_file.stem}-{digest}{out_file.suffix}")

@@ -13,12 +13,12 @@ any other COCO-format dataset. Without CUDA the model runs on CPU.
 """
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from himoe_plugin.detectron2 import SafeDetectionCheckpointer
 from himoe_plugin.detectron2.config import load_tool_cfg
 from himoe_plugin.detectron2.data import add_dataset_arguments, register_datasets_from_args
 from himoe_plugin.detectron2.engine import HIMoETrainer, launch
@@ -40,7 +40,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = HIMoETrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = HIMoETrainer.test(cfg, model)

@@ -1,7 +1,15 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
 from .analysis import ParameterCount, count_parameters
 from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics, link_cascade_stages
-from .config import ROUTE_ONCE_MODES, MoEConfig, MoEConfigError, check_contiguous_layers, check_route_once
+from .config import (
+    EXPERT_BACKENDS,
+    ROUTE_ONCE_MODES,
+    MoEConfig,
+    MoEConfigError,
+    check_contiguous_layers,
+    check_expert_backend,
+    check_route_once,
+)
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
 from .guards import require_routing_inputs
@@ -38,6 +46,8 @@ __all__ = [
     "check_contiguous_layers",
     "ROUTE_ONCE_MODES",
     "check_route_once",
+    "check_expert_backend",
+    "EXPERT_BACKENDS",
     "DispatchPlan",
     "build_dispatch_plan",
     "require_routing_inputs",

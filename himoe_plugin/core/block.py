@@ -70,6 +70,8 @@ class MoEBlock(nn.Module):
             num_experts_key=router.key_of("num_experts"),
             shared_dims=shared_dims,
             hidden_dropout=hidden_dropout,
+            expert_backend=config.expert_backend,
+            expert_backend_key=router.key_of("expert_backend"),
         )
         self.stats_scope = stats_scope
         self.statistics = RoutingStatsMeter()

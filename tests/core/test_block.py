@@ -208,3 +208,14 @@ def test_coco_supercategories_in_label_order(tmp_path):
     with pytest.raises(ValueError, match=r"without a supercategory: \['b'\]"):
         read_coco_supercategories(str(path))
     assert read_coco_supercategories(str(path), [3, 1]) == ["z", "y"]
+
+
+def test_expert_backend_setting_reaches_the_experts_and_errors_name_its_key():
+    block = make_block(expert_backend="loop")
+    assert block.moe.experts.expert_backend == "loop"
+    config = MoEConfig(num_experts=8, top_k=2, num_groups=4, scene_top_k=2, expert_backend="grouped_mm")
+    router = HierarchicalRouter(config, 12, 12, key_of=lambda f: f"MODEL.HIMOE.{f.upper()}")
+    with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.EXPERT_BACKEND='grouped_mm': .*multiple of 8"):
+        MoEBlock(router, [12, 20, 12])  # widths 12 and 20 are not 16-byte aligned rows
+    grouped = MoEBlock(router, [16, 32, 16])
+    assert grouped.moe.experts.expert_backend == "grouped_mm"

@@ -1,5 +1,6 @@
 """Helpers for the Detectron2 tests: small HI-MoE configs on the bundled Aquarium data."""
 import json
+import sys
 from pathlib import Path
 
 from himoe_plugin.detectron2 import get_himoe_cfg
@@ -10,6 +11,7 @@ HIMOE_YAML = CONFIGS / "aquarium" / "himoe_faster_rcnn_R_18_FPN_aquarium.yaml"
 DENSE_YAML = CONFIGS / "aquarium" / "faster_rcnn_R_18_FPN_aquarium.yaml"
 VALID_SLICE = "aquarium_valid_slice8"
 COCO128_SLICE = "coco128_slice8"  # the first 8 COCO128 images, with their polygon masks
+LAZYCONFIG_TOOL = Path(sys.prefix) / "share" / "detectron2" / "tools" / "lazyconfig_train_net.py"
 
 # CPU-sized: short side 256, few proposals at test time, no data-loader workers.
 SMALL_OPTS = [

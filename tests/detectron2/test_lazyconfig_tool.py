@@ -3,17 +3,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from d2_helpers import CONFIGS
-
-STOCK_TOOL = Path(sys.prefix) / "share" / "detectron2" / "tools" / "lazyconfig_train_net.py"
+from d2_helpers import CONFIGS, LAZYCONFIG_TOOL
 
 
 def test_stock_lazyconfig_train_net_runs_himoe(data_root, tmp_path):
-    assert STOCK_TOOL.is_file(), f"{STOCK_TOOL} missing: tools/env/setup_env.sh installs it"
+    assert LAZYCONFIG_TOOL.is_file(), f"{LAZYCONFIG_TOOL} missing: tools/env/setup_env.sh installs it"
     command = [
-        sys.executable, str(STOCK_TOOL),
+        sys.executable, str(LAZYCONFIG_TOOL),
         "--config-file", str(CONFIGS / "aquarium" / "himoe_faster_rcnn_R_18_FPN_aquarium.py"),
         "train.max_iter=3", "train.log_period=1", "train.device=cpu", f"train.output_dir={tmp_path}",
         "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
