@@ -1,5 +1,5 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
-from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics
+from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics, format_routing_summary
 from .config import MoEConfig, MoEConfigError, check_contiguous_layers
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
@@ -11,6 +11,7 @@ from .losses import (
     switch_balance_loss,
 )
 from .pooling import masked_mean_pool, masked_token_mean
+from .predictions import routing_of_kept
 from .router import (
     LOSS_BALANCE,
     LOSS_SCENE_BALANCE,
@@ -27,6 +28,7 @@ __all__ = [
     "STATS_PREFIX",
     "MoEBlock",
     "collect_routing_statistics",
+    "format_routing_summary",
     "MoEConfig",
     "MoEConfigError",
     "check_contiguous_layers",
@@ -42,6 +44,7 @@ __all__ = [
     "switch_balance_loss",
     "masked_mean_pool",
     "masked_token_mean",
+    "routing_of_kept",
     "LOSS_BALANCE",
     "LOSS_SCENE_BALANCE",
     "LOSS_SCENE_SUPERVISION",

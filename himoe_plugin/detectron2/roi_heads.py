@@ -17,6 +17,7 @@ from ..core import (
     groups_of_supercategories,
     masked_mean_pool,
     read_coco_supercategories,
+    routing_of_kept,
     scene_targets_from_labels,
 )
 from .box_head import MoEConvFCBoxHead
@@ -31,7 +32,9 @@ class InstanceMoEROIHead(StandardROIHeads):
     router sees each real proposal's pooled feature (padding never enters routing). Training
     adds the routing losses (``loss_moe_*``) to the usual losses and writes routing statistics
     (``himoe/*``) to the EventStorage every ``stats_period`` iterations. Inference output is
-    exactly the stock ``Instances``.
+    exactly the stock ``Instances``; with ``output_routing`` they also hold ``pred_experts``
+    (n, k) long and ``pred_expert_weights`` (n, k) float: the experts and combine weights of the
+    proposal each prediction came from.
     """
 
     @configurable
@@ -42,6 +45,7 @@ class InstanceMoEROIHead(StandardROIHeads):
         scene_strides: Sequence[int],
         class_to_group: Optional[Sequence[int]] = None,
         stats_period: int = 20,
+        output_routing: bool = False,
         **kwargs,
     ):
         """
@@ -51,6 +55,7 @@ class InstanceMoEROIHead(StandardROIHeads):
             class_to_group: for super-class supervision of the scene router, the expert
                 group (supercategory index) of every class; None disables it.
             stats_period: write statistics to the EventStorage every this many iterations.
+            output_routing: add ``pred_experts`` / ``pred_expert_weights`` to the predictions.
             kwargs: everything ``StandardROIHeads`` takes; ``box_head`` must be a
                 ``MoEConvFCBoxHead``.
         """
@@ -65,6 +70,7 @@ class InstanceMoEROIHead(StandardROIHeads):
         self.scene_in_features = list(scene_in_features)
         self.scene_strides = [int(s) for s in scene_strides]
         self.stats_period = stats_period
+        self.output_routing = output_routing
         if class_to_group is None and self.box_head.moe_config.scene_supervision_weight > 0:
             raise MoEConfigError(
                 himoe_key("scene_supervision_weight"),
@@ -102,6 +108,7 @@ class InstanceMoEROIHead(StandardROIHeads):
         ret["scene_in_features"] = scene_in
         ret["scene_strides"] = [input_shape[name].stride for name in scene_in]
         ret["stats_period"] = cfg.MODEL.HIMOE.STATS_PERIOD
+        ret["output_routing"] = cfg.MODEL.HIMOE.OUTPUT_ROUTING
         if moe_config.scene_supervision_weight > 0:
             ret["class_to_group"] = supercategory_groups(cfg.DATASETS.TRAIN, moe_config.groups)
         return ret
@@ -144,7 +151,11 @@ class InstanceMoEROIHead(StandardROIHeads):
         predictions = self.box_predictor(box_features)
         del box_features
         if not self.training:
-            pred_instances, _ = self.box_predictor.inference(predictions, proposals)
+            pred_instances, kept = self.box_predictor.inference(predictions, proposals)
+            if self.output_routing:
+                counts = [len(p) for p in proposals]
+                for instances, (experts, weights) in zip(pred_instances, routing_of_kept(routing, counts, kept)):
+                    instances.pred_experts, instances.pred_expert_weights = experts, weights
             return pred_instances
 
         losses = self.box_predictor.losses(predictions, proposals)
