@@ -217,8 +217,7 @@ class HierarchicalRouter(nn.Module):
     def _instance_logits(
         self, instance_features: torch.Tensor, scene_probs: torch.Tensor, image_index: torch.Tensor
     ) -> Optional[torch.Tensor]:
-        """(N, E) logits of ``[x, scene_probs[image]]`` without materialising the concatenation
-        (None without an instance router)."""
+        """(N, E) logits of ``[x, scene_probs[image]]`` (None without an instance router)."""
         if self.instance_router is None:
             return None
         cfg = self.config
@@ -226,13 +225,9 @@ class HierarchicalRouter(nn.Module):
         if self.training and cfg.instance_jitter > 0:
             eps = cfg.instance_jitter
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        weight = self.instance_router.weight.float()
-        bias = self.instance_router.bias.float()
-        if not cfg.instance_uses_scene_probs:
-            return F.linear(x, weight, bias)
-        feature_dim = x.shape[1]
-        per_image = F.linear(scene_probs, weight[:, feature_dim:])  # (B, E)
-        return F.linear(x, weight[:, :feature_dim], bias) + per_image[image_index]
+        if cfg.instance_uses_scene_probs:
+            x = torch.cat([x, scene_probs[image_index]], dim=1)
+        return _linear_fp32(self.instance_router, x)
 
     def _account(
         self,
@@ -329,5 +324,8 @@ class HierarchicalRouter(nn.Module):
 
 
 def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` computed in float32 whatever the module's or input's dtype."""
+    """``linear(x)`` computed in float32 whatever the module's or input's dtype. A float32 module
+    is called as a module, so FLOP counters and hooks see it (mmdet's get_flops.py, fvcore)."""
+    if linear.weight.dtype == torch.float32:
+        return linear(x.float())
     return F.linear(x.float(), linear.weight.float(), linear.bias.float())
