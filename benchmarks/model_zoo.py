@@ -8,8 +8,7 @@ For every entry: train the config for --iters iterations from scratch (the recip
 benchmarks/quality.py: warm-up iters/10 (at most 100), lr x0.1 at 3/4), publish the final
 checkpoint (Detectron2: tools/publish_detectron2_model.py; MMDetection: mmdet's own
 model_converters/publish_model.py), evaluate the published file on all of Aquarium valid with
-tools/train_net.py --eval-only (and, for the HI-MoE entry, Detectron2's stock
-lazyconfig_train_net.py with the LazyConfig twin) or mmdet's test.py, and record box AP,
+tools/train_net.py --eval-only or mmdet's test.py, and record box AP,
 APs/APm/APl, train s/iter, inference s/img, peak memory (resident set of the training process)
 and the sha256 of the published file. Writes benchmarks/results/model_zoo.{json,md}; the
 checkpoints stay in --work-dir (default output/model_zoo/), never in the repository.
@@ -35,14 +34,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 D2_CONFIGS = REPO_ROOT / "configs" / "detectron2" / "aquarium"
 MMDET_CONFIGS = REPO_ROOT / "configs" / "mmdet" / "aquarium"
 METRICS = ("AP", "AP50", "APs", "APm", "APl")
-ENTRIES = [
-    # name, framework, config, LazyConfig twin evaluated with Detectron2's stock tool
-    ("faster_rcnn_R_18_FPN_aquarium", "detectron2", D2_CONFIGS / "faster_rcnn_R_18_FPN_aquarium.yaml", None),
-    ("himoe_faster_rcnn_R_18_FPN_aquarium", "detectron2", D2_CONFIGS / "himoe_faster_rcnn_R_18_FPN_aquarium.yaml",
-     D2_CONFIGS / "himoe_faster_rcnn_R_18_FPN_aquarium.py"),
-    ("faster-rcnn_r18_fpn_aquarium_cpu", "mmdet", MMDET_CONFIGS / "faster-rcnn_r18_fpn_aquarium_cpu.py", None),
-    ("himoe-faster-rcnn_r18_fpn_aquarium_cpu", "mmdet", MMDET_CONFIGS / "himoe-faster-rcnn_r18_fpn_aquarium_cpu.py",
-     None),
+ENTRIES = [  # name, framework, config
+    ("faster_rcnn_R_18_FPN_aquarium", "detectron2", D2_CONFIGS / "faster_rcnn_R_18_FPN_aquarium.yaml"),
+    ("himoe_faster_rcnn_R_18_FPN_aquarium", "detectron2", D2_CONFIGS / "himoe_faster_rcnn_R_18_FPN_aquarium.yaml"),
+    ("faster-rcnn_r18_fpn_aquarium_cpu", "mmdet", MMDET_CONFIGS / "faster-rcnn_r18_fpn_aquarium_cpu.py"),
+    ("himoe-faster-rcnn_r18_fpn_aquarium_cpu", "mmdet", MMDET_CONFIGS / "himoe-faster-rcnn_r18_fpn_aquarium_cpu.py"),
 ]
 
 
@@ -73,7 +69,7 @@ def d2_copypaste(log_text: str) -> Dict[str, float]:
     return {m: named[m] for m in METRICS}
 
 
-def train_detectron2(name: str, yaml: Path, lazy: Path, work: Path, iters: int, device: str) -> Dict:
+def train_detectron2(name: str, yaml: Path, work: Path, iters: int, device: str) -> Dict:
     python, train_net = sys.executable, str(REPO_ROOT / "tools" / "train_net.py")
     schedule = ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)},)",
                 "SOLVER.WARMUP_ITERS", str(min(100, iters // 10)), "SOLVER.CHECKPOINT_PERIOD", str(iters),
@@ -88,17 +84,9 @@ def train_detectron2(name: str, yaml: Path, lazy: Path, work: Path, iters: int, 
     eval_log = run([python, train_net, "--config-file", str(yaml), "--eval-only", "MODEL.WEIGHTS", str(published),
                     "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", device, "OUTPUT_DIR", str(work / "eval")],
                    work / "eval.log")
-    result = {"metrics": d2_copypaste(eval_log), "train_s_per_iter": s_per_iter, "peak_memory_gb": peak_rss_gb(out),
-              "infer_s_per_img": float(re.findall(r"\(([\d.]+) s / iter per device", eval_log)[-1]),
-              "published": str(published), "sha256": sha256(published), "evaluated_with": "tools/train_net.py --eval-only"}
-    if lazy is not None:  # Detectron2's own tool, unchanged, on the published file
-        stock = Path(sys.executable).parent.parent / "share" / "detectron2" / "tools" / "lazyconfig_train_net.py"
-        stock_log = run([python, str(stock), "--config-file", str(lazy), "--eval-only",
-                         f"train.init_checkpoint={published}", f"train.output_dir={work / 'eval_stock'}",
-                         f"train.device={device}", "dataloader.test.num_workers=0"], work / "eval_stock.log")
-        result["stock_tool_metrics"] = d2_copypaste(stock_log)
-        result["evaluated_with"] += " and lazyconfig_train_net.py --eval-only"
-    return result
+    return {"metrics": d2_copypaste(eval_log), "train_s_per_iter": s_per_iter, "peak_memory_gb": peak_rss_gb(out),
+            "infer_s_per_img": float(re.findall(r"\(([\d.]+) s / iter per device", eval_log)[-1]),
+            "published": str(published), "sha256": sha256(published), "evaluated_with": "tools/train_net.py --eval-only"}
 
 
 def mmdet_metrics(text: str) -> Dict[str, float]:
@@ -141,18 +129,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="*", default=None, help="entry names to (re)run")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="entry names to (re)run; entries in the work dir's partial results are kept")
     parser.add_argument("--work-dir", default=str(REPO_ROOT / "output" / "model_zoo"))
     args = parser.parse_args()
     partial = Path(args.work_dir) / "model_zoo_partial.json"
     done = json.loads(partial.read_text()) if partial.exists() else {}
-    for name, framework, config, lazy in tqdm(ENTRIES, desc="model zoo"):
-        if args.only is not None and name not in args.only and name in done:
+    for name, framework, config in tqdm(ENTRIES, desc="model zoo"):
+        if name in done and (args.only is None or name not in args.only):
             continue
         work = Path(args.work_dir) / name
         work.mkdir(parents=True, exist_ok=True)
         if framework == "detectron2":
-            result = train_detectron2(name, config, lazy, work, args.iters, args.device)
+            result = train_detectron2(name, config, work, args.iters, args.device)
         else:
             result = train_mmdet(name, config, work, args.iters)
         done[name] = dict(framework=framework, config=str(config.relative_to(REPO_ROOT)), iters=args.iters, **result)

@@ -16,19 +16,9 @@ from detectron2.utils.events import EventStorage
 
 from himoe_plugin.analysis import box_iou
 from himoe_plugin.detectron2.analysis import routed_images
-from himoe_plugin.detectron2.engine import HIMoEMetricPrinter, HIMoETrainer
+from himoe_plugin.detectron2.engine import HIMoEMetricPrinter
 
 NUM_EXPERTS, EXPERTS_PER_GROUP = 8, 2  # the Aquarium HI-MoE config: 8 experts in 4 groups
-
-
-@pytest.fixture(scope="module")
-def checkpoint(registered, tmp_path_factory):
-    """2 training iterations of the HI-MoE Aquarium config; its final checkpoint."""
-    output_dir = tmp_path_factory.mktemp("d2_routing")
-    trainer = HIMoETrainer(small_cfg(output_dir, extra=["SOLVER.MAX_ITER", "2"]))
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    return output_dir / "model_final.pth"
 
 
 def trained_model(cfg, checkpoint):
@@ -37,9 +27,9 @@ def trained_model(cfg, checkpoint):
     return model.eval()
 
 
-def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(checkpoint, tmp_path):
+def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(himoe_checkpoint, tmp_path):
     cfg = small_cfg(tmp_path, extra=["TEST.DETECTIONS_PER_IMAGE", "50"])
-    model = trained_model(cfg, checkpoint)
+    model = trained_model(cfg, himoe_checkpoint)
     assert model.roi_heads.output_routing is False  # MODEL.HIMOE.OUTPUT_ROUTING defaults to off
     batch = next(iter(build_detection_test_loader(cfg, VALID_SLICE)))
     with torch.no_grad():
@@ -68,15 +58,15 @@ def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(c
 
     cfg.defrost()
     cfg.MODEL.HIMOE.OUTPUT_ROUTING = True
-    assert trained_model(cfg, checkpoint).roi_heads.output_routing is True
+    assert trained_model(cfg, himoe_checkpoint).roi_heads.output_routing is True
 
 
-def test_analyze_routing_tool_writes_table_metrics_and_readable_figures(checkpoint, registered, data_root,
+def test_analyze_routing_tool_writes_table_metrics_and_readable_figures(himoe_checkpoint, registered, data_root,
                                                                         tmp_path, capsys):
     out = tmp_path / "routing"
     main = runpy.run_path(str(REPO_ROOT / "tools" / "analyze_routing.py"))["main"]
     paths = main([
-        "detectron2", "--config-file", str(HIMOE_YAML), "--weights", str(checkpoint),
+        "detectron2", "--config-file", str(HIMOE_YAML), "--weights", str(himoe_checkpoint),
         "--dataset", VALID_SLICE, "--data-root", str(data_root), "--output-dir", str(out),
         "--vis-images", "2", *SMALL_OPTS,
     ])
