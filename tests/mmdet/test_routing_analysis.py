@@ -106,6 +106,10 @@ default_hooks = dict(checkpoint=dict(interval=100))
     cfg = Config.fromfile(str(config))
     cfg.merge_from_dict({'default_hooks.logger.interval': 2})
     cfg.update(val_cfg=None, val_dataloader=None, val_evaluator=None, work_dir=str(tmp_path / 'work_dir'))
+    # A visualizer of its own: MMEngine reuses an existing instance of the same name (and its
+    # save_dir), which would send another run's scalars.json here, or ours there.
+    cfg.visualizer.name = f'himoe_statistics_{tmp_path.name}'
+
     assert cfg.model.roi_head.get('stats_period') is None
     runner = Runner.from_cfg(cfg)
     runner.train()
