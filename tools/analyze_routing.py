@@ -7,7 +7,8 @@
         [--cfg-options k=v ...]
 
 Runs the checkpoint over the test split (Detectron2: --dataset, default DATASETS.TEST[0];
-MMDetection: the config's test_dataloader) and records, for every RoI of every MoE layer, its
+MMDetection: the config's test_dataloader) and records, for every RoI of every MoE layer (DETR
+family: every prediction, with its query's routing in the last MoE decoder layer), its
 experts and combine weights, the image's scene groups, the matched ground-truth class (IoU >= 0.5,
 else background), the COCO object size and the FPN level. Writes to --output-dir:
 
@@ -129,7 +130,8 @@ def run_mmdet(args) -> Dict[str, Path]:
                                                   desc="routing analysis")):
         analysis.add_image(truths[sample.img_id], routed)
         if index < args.vis_images:
-            draw_routed_predictions(sample, classes, model.roi_head.bbox_head.moe_config.num_experts,
+            num_experts = next(iter(analysis.layers.values())).num_experts
+            draw_routed_predictions(sample, classes, num_experts,
                                     examples / f"{Path(sample.img_path).stem}.png",
                                     args.vis_max_boxes, args.vis_score_thresh)
     return finish(analysis, model, args)

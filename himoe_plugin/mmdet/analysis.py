@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..analysis import ImageTruth, RoutedInstances, RoutingAnalysis, expert_colors
 from ..analysis.capture import RoutingCapture, layer_infos
-from ..core import read_coco_supercategories
+from ..core import MoEConfigError, read_coco_supercategories
+from .detr import HIMoEDetrMixin, MoEFFN
 
 
 def dataset_truths(dataset) -> Dict[int, ImageTruth]:
@@ -32,16 +33,29 @@ def dataset_truths(dataset) -> Dict[int, ImageTruth]:
     return truths
 
 
+def last_decoder_ffn(model: HIMoEDetrMixin) -> MoEFFN:
+    """The MoE FFN of the last MoE decoder layer of a DETR-family model (whose routing the
+    predictions carry)."""
+    decoder = [ffn for ffn in model.moe_ffns if ffn.stats_scope.startswith('decoder')]
+    if not decoder:
+        raise MoEConfigError('moe.decoder_layers', [], 'the routing analysis of a DETR-family model '
+                             'follows the object queries: it needs an MoE decoder layer')
+    return decoder[-1]
+
+
 def new_analysis(model: nn.Module, dataset) -> RoutingAnalysis:
-    """An empty analysis of the model's MoE layers on the classes of ``dataset`` (with their COCO
-    supercategories when the annotation file has them)."""
+    """An empty analysis of the model's MoE layers (DETR family: the last MoE decoder layer) on
+    the classes of ``dataset`` (with their COCO supercategories when the annotation file has them)."""
     supercategories = None
     if hasattr(dataset, 'cat_ids'):
         try:
             supercategories = read_coco_supercategories(dataset.ann_file, dataset.cat_ids)
         except ValueError:
             supercategories = None
-    return RoutingAnalysis(dataset.metainfo['classes'], layer_infos(model), supercategories)
+    layers = layer_infos(model)
+    if isinstance(model, HIMoEDetrMixin):
+        layers = {name: info for name, info in layers.items() if name == last_decoder_ffn(model).stats_scope}
+    return RoutingAnalysis(dataset.metainfo['classes'], layers, supercategories)
 
 
 def extracted_rois(extractor: nn.Module):
@@ -60,8 +74,13 @@ def routed_images(model: nn.Module, data_loader, max_images: Optional[int] = Non
                   ) -> Iterator[Tuple[DetDataSample, List[RoutedInstances]]]:
     """Run ``model`` (eval mode, ``test_cfg.rcnn.output_routing`` on) over ``data_loader``; per
     image yield its data sample (``pred_instances`` with ``experts`` and ``expert_weights``)
-    and the routing of every RoI in every MoE layer, with boxes in original image pixels."""
+    and the routing of every RoI in every MoE layer, with boxes in original image pixels.
+    DETR-family models: the instances are the predictions (query-class pairs; their boxes), with
+    the routing of their query in the last MoE decoder layer."""
     model.eval()
+    if isinstance(model, HIMoEDetrMixin):
+        yield from _routed_queries(model, data_loader, max_images)
+        return
     roi_head = model.roi_head
     extractors = roi_head.bbox_roi_extractor
     extractors = extractors if isinstance(extractors, nn.ModuleList) else [extractors]
@@ -90,6 +109,31 @@ def routed_images(model: nn.Module, data_loader, max_images: Optional[int] = Non
                         return
     finally:
         roi_head.test_cfg['output_routing'] = previous
+
+
+def _routed_queries(model: HIMoEDetrMixin, data_loader, max_images: Optional[int]
+                    ) -> Iterator[Tuple[DetDataSample, List[RoutedInstances]]]:
+    ffn = last_decoder_ffn(model)
+    scenes: List[Tensor] = []
+    # MoEFFN appends its Routing to the token context it was given (args[1]).
+    handle = ffn.register_forward_hook(lambda module, args, output: scenes.append(args[1].routings[-1].scene_groups))
+    previous = model.test_cfg.get('output_routing', False)
+    model.test_cfg['output_routing'] = True
+    seen = 0
+    try:
+        with torch.no_grad():
+            for data in data_loader:
+                scenes.clear()
+                for image, sample in enumerate(model.test_step(data)):
+                    pred = sample.pred_instances
+                    yield sample, [RoutedInstances(ffn.stats_scope, pred.bboxes, pred.experts, pred.expert_weights,
+                                                   scenes[-1][image])]
+                    seen += 1
+                    if max_images is not None and seen >= max_images:
+                        return
+    finally:
+        handle.remove()
+        model.test_cfg['output_routing'] = previous
 
 
 def draw_routed_predictions(sample: DetDataSample, class_names: Sequence[str], num_experts: int,

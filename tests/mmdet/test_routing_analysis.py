@@ -140,8 +140,8 @@ def test_checkpoints_load_weights_only_without_the_plugin_and_resume_their_buffe
     losses = checkpoint['message_hub']['log_scalars']['train/loss']
     assert isinstance(losses, HistoryBuffer)
     history = losses.data[0]
-    assert history.dtype == np.float64 and len(history) == len(trained_run.scalars) >= 3
     logged = [s['loss'] for s in trained_run.scalars if 'loss' in s]  # window means (window 10)
+    assert history.dtype == np.float64 and len(history) == len(logged) >= 3
     for step, value in enumerate(logged, start=1):
         assert abs(value - history[:step].mean()) < 1e-4 * max(1.0, value)
 
@@ -246,3 +246,31 @@ def test_detr_predictions_carry_the_routing_of_their_query():
     model.test_cfg['output_routing'] = False
     with torch.no_grad():
         assert 'experts' not in model.predict(data['inputs'], data['data_samples'])[0].pred_instances
+
+
+def test_detr_routing_analysis_follows_the_queries_of_the_predictions(himoe_data_root):
+    """DETR family: the analysed instances are the predictions, with their query's routing in the
+    last MoE decoder layer (no FPN level) and the image's scene groups of that layer."""
+    from himoe_plugin.mmdet.analysis import dataset_truths, new_analysis
+
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(str(CONFIG_DIR / 'himoe-dino-4scale_r18_aquarium_cpu.py'))
+    cfg.merge_from_dict({'model.test_cfg.max_per_img': 10, 'model.moe.decoder_layers': [0, 1]})
+    cfg.test_dataloader.update(batch_size=2, num_workers=0)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    loader = Runner.build_dataloader(cfg.test_dataloader)
+    analysis = new_analysis(model, loader.dataset)
+    assert list(analysis.layers) == ['decoder.1']
+    truths = dataset_truths(loader.dataset)
+    for sample, routed in routed_images(model, loader, max_images=2):
+        (layer,) = routed
+        assert layer.layer == 'decoder.1' and layer.levels is None
+        assert torch.equal(layer.expert_index, sample.pred_instances.experts)
+        assert torch.equal(layer.boxes, sample.pred_instances.bboxes)
+        assert len(layer.scene_groups) == 2  # scene_top_k of the config
+        analysis.add_image(truths[sample.img_id], routed)
+    assert model.test_cfg['output_routing'] is False
+    summary = analysis.summary()['layers']['decoder.1']
+    assert summary['instances'] == 20 and summary['level_expert']['rows'] == []
