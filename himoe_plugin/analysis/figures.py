@@ -85,6 +85,6 @@ def write_figures(summary: Dict[str, object], out_dir: Path) -> Dict[str, Path]:
             name = f"{_file_name(layer)}_scene_groups"
             paths[name] = _heatmap(
                 usage, labels, [f"g{g}" for g in range(entry["num_groups"])],
-                f"{layer}: images whose scene subset kept each group (% of the row)",
+                f"{layer}: scene subsets\nimages (% of the row) whose subset kept each group",
                 "expert group", "images containing supercategory", out_dir / f"{name}.png", "%")
     return paths
