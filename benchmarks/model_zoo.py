@@ -100,7 +100,10 @@ def train_mmdet(name: str, config: Path, work: Path, iters: int) -> Dict:
     schedule = work / "schedule.py"
     warmup = min(100, iters // 10)
     schedule.write_text(f"""_base_ = {str(config)!r}
-train_cfg = dict(max_iters={iters}, val_interval={iters + 1})
+train_cfg = dict(max_iters={iters}, val_interval={iters})
+val_cfg = None  # evaluated once, below, from the published file
+val_dataloader = None
+val_evaluator = None
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end={warmup}),
     dict(type='MultiStepLR', by_epoch=False, begin=0, end={iters}, milestones=[{int(iters * 0.75)}], gamma=0.1),

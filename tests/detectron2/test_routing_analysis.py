@@ -135,3 +135,14 @@ def test_console_printer_shows_a_compact_routing_line_when_statistics_are_new():
     lines = [r.getMessage() for r in records]
     assert lines.count("himoe: load max 0.750 min 0.250  routing_entropy 0.500  dropped_fraction 0.000") == 1
     assert sum("loss_cls" in line for line in lines) == 2
+
+
+def test_demo_command_draws_routed_predictions_on_an_image(himoe_checkpoint, registered, data_root, tmp_path):
+    image = sorted((data_root / "aquarium/images/valid").glob("*.jpg"))[0]
+    main = runpy.run_path(str(REPO_ROOT / "tools" / "demo_routing.py"))["main"]
+    (written,) = main(["detectron2", "--config-file", str(HIMOE_YAML), "--weights", str(himoe_checkpoint),
+                       "--input", str(image), "--output-dir", str(tmp_path), "--score-thresh", "0",
+                       "--dataset", VALID_SLICE, *SMALL_OPTS])
+    drawn, original = matplotlib.image.imread(written), matplotlib.image.imread(image)
+    assert drawn.shape[:2] == original.shape[:2]
+    assert abs(drawn[..., :3].astype(float) * 255 - original[..., :3].astype(float)).mean() > 0.5  # boxes drawn

@@ -274,3 +274,13 @@ def test_detr_routing_analysis_follows_the_queries_of_the_predictions(himoe_data
     assert model.test_cfg['output_routing'] is False
     summary = analysis.summary()['layers']['decoder.1']
     assert summary['instances'] == 20 and summary['level_expert']['rows'] == []
+
+
+def test_demo_command_draws_routed_predictions_with_det_inferencer(trained_run, data_root, tmp_path):
+    image = sorted((data_root / 'aquarium/images/valid').glob('*.jpg'))[0]
+    main = runpy.run_path(str(REPO_ROOT / 'tools' / 'demo_routing.py'))['main']
+    (written,) = main(['mmdet', str(trained_run.config), str(trained_run.checkpoint), '--input', str(image),
+                       '--output-dir', str(tmp_path), '--score-thresh', '0', '--device', 'cpu'])
+    drawn, original = matplotlib.image.imread(written), matplotlib.image.imread(image)
+    assert drawn.shape[:2] == original.shape[:2]
+    assert abs(drawn[..., :3].astype(float) * 255 - original[..., :3].astype(float)).mean() > 0.5
