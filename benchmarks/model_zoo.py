@@ -43,7 +43,10 @@ ENTRIES = [  # name, framework, config
 
 
 def run(command: List[str], log: Path) -> str:
-    """Run ``command`` under /usr/bin/time (peak resident memory), output to ``log``; returns it."""
+    """Run ``command`` under /usr/bin/time (peak resident memory), output to ``log``; returns it.
+    A step whose log shows it completed (a run interrupted later) is not run again."""
+    if log.exists() and "PEAK_RSS_KB=" in log.read_text() and "exited with non-zero" not in log.read_text():
+        return log.read_text()
     with open(log, "w") as out:
         done = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB=%M", *command], cwd=REPO_ROOT,
                               stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
@@ -121,7 +124,7 @@ default_hooks = dict(checkpoint=dict(interval={iters}))
     published = next(p for p in work.glob(f"{name}-*.pth"))
     test_log = run([sys.executable, run_tool, "test.py", str(config), str(published),
                     "--work-dir", str(work / "test")], work / "test.log")
-    times = re.findall(r"Epoch\(test\).*?\s+time: ([\d.]+)", test_log)
+    times = re.findall(r"(?:Epoch|Iter)\(test\).*?\stime: ([\d.]+)", test_log)  # last: the mean
     return {"metrics": mmdet_metrics(test_log), "train_s_per_iter": s_per_iter, "peak_memory_gb": peak_rss_gb(out),
             "infer_s_per_img": float(times[-1]) / 2,  # test batch size 2
             "published": str(published), "sha256": sha256(published),
@@ -133,13 +136,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="entry names to (re)run; entries in the work dir's partial results are kept")
+                        help="(re)run only these entries (default: those not in the work dir's partial results)")
     parser.add_argument("--work-dir", default=str(REPO_ROOT / "output" / "model_zoo"))
     args = parser.parse_args()
     partial = Path(args.work_dir) / "model_zoo_partial.json"
     done = json.loads(partial.read_text()) if partial.exists() else {}
     for name, framework, config in tqdm(ENTRIES, desc="model zoo"):
-        if name in done and (args.only is None or name not in args.only):
+        if (name not in args.only) if args.only is not None else (name in done):
             continue
         work = Path(args.work_dir) / name
         work.mkdir(parents=True, exist_ok=True)
