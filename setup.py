@@ -24,6 +24,8 @@ setup(
         "mmdet": ["mmdet>=3.0,<3.4", "mmengine>=0.10", "mmcv>=2.0,<2.2"],
         "test": ["pytest>=7", "pytest-timeout"],
         "benchmarks": ["matplotlib", "tqdm"],
+        # tools/analyze_routing.py and himoe_plugin.analysis (figures)
+        "analysis": ["matplotlib", "tqdm"],
     },
     license="Apache-2.0",
     classifiers=[

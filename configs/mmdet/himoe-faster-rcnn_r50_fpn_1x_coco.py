@@ -1,7 +1,7 @@
 # HI-MoE Faster R-CNN R50-FPN 1x on COCO: the stock config with the RoI head swapped.
 # The two fc layers of the box head become 8 experts in 4 groups of 2; the scene router keeps
 # 2 groups (4 experts) per image and each RoI uses its top 2 of them; routing losses are added to the loss dict, routing statistics
-# are logged as himoe/* every 50 iterations (= the logger interval).
+# are logged as himoe/* whenever the logger logs (RoutingStatisticsHook).
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 
 custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
@@ -9,7 +9,6 @@ custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False
 model = dict(
     roi_head=dict(
         type='InstanceMoERoIHead',
-        stats_period=50,
         bbox_head=dict(
             type='MoEShared2FCBBoxHead',
             moe_fc_layers=[0, 1],
@@ -24,3 +23,7 @@ model = dict(
             loss_balance=dict(
                 type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
             loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))
+
+# Routing statistics (train/himoe/*) whenever the logger logs (its interval read at run time);
+# checkpoints that torch.load(weights_only=True) and mmdet's publish_model.py read as they are.
+custom_hooks = [dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook')]

@@ -1,6 +1,12 @@
 """Framework-agnostic HI-MoE core in plain PyTorch (imports neither detectron2 nor mmdet)."""
 from .analysis import ParameterCount, count_parameters
-from .block import STATS_PREFIX, MoEBlock, collect_routing_statistics, link_cascade_stages
+from .block import (
+    STATS_PREFIX,
+    MoEBlock,
+    collect_routing_statistics,
+    format_routing_summary,
+    link_cascade_stages,
+)
 from .config import (
     EXPERT_BACKENDS,
     ROUTE_ONCE_MODES,
@@ -21,6 +27,7 @@ from .losses import (
     switch_balance_loss,
 )
 from .pooling import masked_mean_pool, masked_token_mean
+from .predictions import routing_of_kept
 from .router import (
     LOSS_BALANCE,
     LOSS_SCENE_BALANCE,
@@ -41,6 +48,7 @@ __all__ = [
     "MoEBlock",
     "collect_routing_statistics",
     "link_cascade_stages",
+    "format_routing_summary",
     "MoEConfig",
     "MoEConfigError",
     "check_contiguous_layers",
@@ -61,6 +69,7 @@ __all__ = [
     "switch_balance_loss",
     "masked_mean_pool",
     "masked_token_mean",
+    "routing_of_kept",
     "LOSS_BALANCE",
     "LOSS_SCENE_BALANCE",
     "LOSS_SCENE_SUPERVISION",

@@ -153,11 +153,11 @@ class HierarchicalRouter(nn.Module):
         self.scene_norm = nn.LayerNorm(scene_dim, elementwise_affine=False)
         self.scene_router = nn.Linear(scene_dim, config.groups)
         self.instance_norm: Optional[nn.LayerNorm] = None
-        self.instance_router: Optional[nn.Linear] = None
+        self.instance_router: Optional[InstanceRouterLinear] = None
         if config.instance_router:
             self.instance_norm = nn.LayerNorm(instance_dim, elementwise_affine=False)
             scene_input = config.groups if config.instance_uses_scene_probs else 0
-            self.instance_router = nn.Linear(instance_dim + scene_input, config.num_experts)
+            self.instance_router = InstanceRouterLinear(instance_dim + scene_input, config.num_experts)
         self.register_buffer(
             "expert_group",
             torch.arange(config.num_experts) // config.experts_per_group,
@@ -291,8 +291,7 @@ class HierarchicalRouter(nn.Module):
     def _instance_logits(
         self, instance_features: torch.Tensor, scene_probs: torch.Tensor, image_index: torch.Tensor
     ) -> Optional[torch.Tensor]:
-        """(N, E) logits of ``[x, scene_probs[image]]`` without materialising the concatenation
-        (None without an instance router)."""
+        """(N, E) logits of ``[x, scene_probs[image]]`` (None without an instance router)."""
         if self.instance_router is None:
             return None
         cfg = self.config
@@ -300,14 +299,9 @@ class HierarchicalRouter(nn.Module):
         if self.training and cfg.instance_jitter > 0:
             eps = cfg.instance_jitter
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        weight = self.instance_router.weight.float()
-        bias = self.instance_router.bias.float()
-        if not cfg.instance_uses_scene_probs:
-            return F.linear(x, weight, bias)
-        feature_dim = x.shape[1]
-        per_image = F.linear(scene_probs, weight[:, feature_dim:])  # (B, E)
-        # A contiguous slice: its weight gradient is computed 2-3x faster than a strided view's.
-        return F.linear(x, weight[:, :feature_dim].contiguous(), bias) + per_image[image_index]
+        if cfg.instance_uses_scene_probs:
+            return self.instance_router(x, scene_probs, image_index)
+        return self.instance_router(x)
 
     def _account(
         self,
@@ -403,6 +397,33 @@ class HierarchicalRouter(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class InstanceRouterLinear(nn.Linear):
+    """The instance router's linear layer over ``[x, scene_probs[image_index]]``, in float32.
+
+    Computed without building the concatenation: ``W[:, :C] x + b + (W[:, C:] scene_probs)[image]``
+    (the per-image term once per image). Called as a module, so FLOP counters and hooks see it.
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        scene_probs: Optional[torch.Tensor] = None,
+        image_index: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """x: (N, C); scene_probs: (B, G) or None (then ``in_features == C``); image_index: (N,).
+        Returns (N, out_features) float32 logits."""
+        weight, bias = self.weight.float(), self.bias.float()
+        if scene_probs is None:
+            return F.linear(x.float(), weight, bias)
+        feature_dim = x.shape[1]
+        per_image = F.linear(scene_probs.float(), weight[:, feature_dim:])  # (B, E)
+        # A contiguous slice: its weight gradient is computed 2-3x faster than a strided view's.
+        return F.linear(x.float(), weight[:, :feature_dim].contiguous(), bias) + per_image[image_index]
+
+
 def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` computed in float32 whatever the module's or input's dtype."""
+    """``linear(x)`` computed in float32 whatever the module's or input's dtype. A float32 module
+    is called as a module, so FLOP counters and hooks see it (mmdet's get_flops.py, fvcore)."""
+    if linear.weight.dtype == torch.float32:
+        return linear(x.float())
     return F.linear(x.float(), linear.weight.float(), linear.bias.float())

@@ -42,6 +42,9 @@ def add_himoe_config(cfg: CfgNode) -> None:
     _C.MODEL.HIMOE.ROUTE_ONCE = ""
     # Relative std of the noise added to experts upcycled from a dense checkpoint.
     _C.MODEL.HIMOE.UPCYCLE_NOISE_STD = 0.0
+    # Add each prediction's experts and weights to the inference Instances (pred_experts,
+    # pred_expert_weights); off: the stock fields only.
+    _C.MODEL.HIMOE.OUTPUT_ROUTING = False
 
 
 def himoe_key(name: str) -> str:

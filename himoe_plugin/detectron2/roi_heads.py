@@ -9,6 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 
+from ..core import routing_of_kept
 from .scene_routing import SceneRoutedROIHeads, check_moe_box_head, supercategory_groups
 
 __all__ = ["InstanceMoEROIHead", "supercategory_groups"]
@@ -22,7 +23,9 @@ class InstanceMoEROIHead(SceneRoutedROIHeads, StandardROIHeads):
     router sees each real proposal's pooled feature (padding never enters routing). Training
     adds the routing losses (``loss_moe_*``) to the usual losses and writes routing statistics
     (``himoe/*``) to the EventStorage every ``stats_period`` iterations. Inference output is
-    exactly the stock ``Instances``.
+    exactly the stock ``Instances``; with ``output_routing`` they also hold ``pred_experts``
+    (n, k) long and ``pred_expert_weights`` (n, k) float: the experts and combine weights of the
+    proposal each prediction came from.
     """
 
     @configurable
@@ -33,24 +36,28 @@ class InstanceMoEROIHead(SceneRoutedROIHeads, StandardROIHeads):
         scene_strides: Sequence[int],
         class_to_group: Optional[Sequence[int]] = None,
         stats_period: int = 20,
+        output_routing: bool = False,
         **kwargs,
     ):
         """
         Args:
             scene_in_features, scene_strides, class_to_group, stats_period: see
                 ``SceneRoutedROIHeads._init_scene_routing``.
+            output_routing: add ``pred_experts`` / ``pred_expert_weights`` to the predictions.
             kwargs: everything ``StandardROIHeads`` takes; ``box_head`` must be a
                 ``MoEConvFCBoxHead``.
         """
         super().__init__(**kwargs)
         check_moe_box_head(self.box_head, "InstanceMoEROIHead")
         self._init_scene_routing([self.box_head], scene_in_features, scene_strides, class_to_group, stats_period)
+        self.output_routing = output_routing
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         ret = super().from_config(cfg, input_shape)
         check_moe_box_head(ret["box_head"], "InstanceMoEROIHead")
         ret.update(cls.scene_routing_from_cfg(cfg, input_shape, ret["box_head"]))
+        ret["output_routing"] = cfg.MODEL.HIMOE.OUTPUT_ROUTING
         return ret
 
     def forward(
@@ -83,7 +90,11 @@ class InstanceMoEROIHead(SceneRoutedROIHeads, StandardROIHeads):
         predictions = self.box_predictor(box_features)
         del box_features
         if not self.training:
-            pred_instances, _ = self.box_predictor.inference(predictions, proposals)
+            pred_instances, kept = self.box_predictor.inference(predictions, proposals)
+            if self.output_routing:
+                counts = [len(p) for p in proposals]
+                for instances, (experts, weights) in zip(pred_instances, routing_of_kept(routing, counts, kept)):
+                    instances.pred_experts, instances.pred_expert_weights = experts, weights
             return pred_instances
 
         losses = self.box_predictor.losses(predictions, proposals)

@@ -23,6 +23,7 @@ from .hooks import SceneSupervisionHook, supercategory_groups
 from .losses import LoadBalancingLoss, RouterZLoss, RoutingLoss, SceneSupervisionLoss
 from .roi_head import InstanceMoERoIHead
 from .router import HierarchicalRouter
+from .runtime_hooks import RoutingStatisticsHook, WeightsOnlyCheckpointHook
 
 allow_mmengine_checkpoint_globals()
 
@@ -38,9 +39,11 @@ __all__ = [
     'MoEFFN',
     'MoEShared2FCBBoxHead',
     'RouterZLoss',
+    'RoutingStatisticsHook',
     'RoutingLoss',
     'SceneSupervisionHook',
     'SceneSupervisionLoss',
+    'WeightsOnlyCheckpointHook',
     'allow_mmengine_checkpoint_globals',
     'supercategory_groups',
 ]

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+from mmdet.models.layers import multiclass_nms
 from mmdet.models.roi_heads.bbox_heads import ConvFCBBoxHead
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, OptConfigType
 from mmengine.logging import print_log
+from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from ..core import (MoEBlock, MoEConfig, MoEConfigError, Routing, SceneRouting,
@@ -110,6 +113,7 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
             {str(i): fc for i, fc in enumerate(dense_fcs) if i not in layers})
         self.fcs_before = [self.shared_fcs[str(i)] for i in range(first)]
         self.fcs_after = [self.shared_fcs[str(i)] for i in range(last + 1, len(dense_fcs))]
+        self._inference_routing: Optional[Tuple[Tensor, Routing]] = None
 
     @property
     def moe_config(self) -> MoEConfig:
@@ -167,6 +171,8 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
             x = self.relu(fc(x))
         x, routing = self.moe_block(x, scene_feats, image_index, router_input=router_input,
                                     scene_targets=scene_targets, scene=scene, routing=routing)
+        if not self.training:  # read by _predict_by_feat_single (test_cfg.rcnn.output_routing)
+            self._inference_routing = (image_index, routing)
         for fc in self.fcs_after:
             x = self.relu(fc(x))
 
@@ -179,6 +185,36 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
         cls_score = self.fc_cls(x_cls) if self.with_cls else None
         bbox_pred = self.fc_reg(x_reg) if self.with_reg else None
         return cls_score, bbox_pred, routing
+
+    def _predict_by_feat_single(self, roi: Tensor, cls_score: Tensor, bbox_pred: Tensor,
+                                img_meta: dict, rescale: bool = False,
+                                rcnn_test_cfg: OptConfigType = None) -> InstanceData:
+        """The stock post-processing; with ``test_cfg.rcnn.output_routing=True`` the results also
+        hold ``experts`` (n, k) long and ``expert_weights`` (n, k) float: the routing of the RoI
+        each detection came from (the stock NMS, asked for the indices it kept)."""
+        if rcnn_test_cfg is None or not rcnn_test_cfg.get('output_routing', False):
+            return super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta, rescale,
+                                                   rcnn_test_cfg)
+        top_k = self.moe_config.top_k
+        if roi.shape[0] == 0:
+            results = super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta,
+                                                      rescale, rcnn_test_cfg)
+            results.experts = roi.new_zeros((0, top_k), dtype=torch.long)
+            results.expert_weights = roi.new_zeros((0, top_k))
+            return results
+        raw = super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta, rescale, None)
+        per_roi = 1 if bbox_pred is None or self.reg_class_agnostic else self.num_classes
+        det_bboxes, det_labels, kept = multiclass_nms(
+            raw.bboxes, raw.scores, rcnn_test_cfg.score_thr, rcnn_test_cfg.nms,
+            rcnn_test_cfg.max_per_img, box_dim=raw.bboxes.shape[1] // per_roi, return_inds=True)
+        image_index, routing = self._inference_routing
+        image_rows = (image_index == roi[0, 0].long()).nonzero().squeeze(1)
+        rows = image_rows[kept // (raw.scores.shape[1] - 1)]
+        results = InstanceData(bboxes=det_bboxes[:, :-1], scores=det_bboxes[:, -1],
+                               labels=det_labels)
+        results.experts = routing.expert_index[rows]
+        results.expert_weights = routing.combine_weight[rows].float()
+        return results
 
     def routing_losses(self, routing: Routing) -> Dict[str, Tensor]:
         """The weighted auxiliary losses (``loss_moe_*``) of a training ``Routing``."""

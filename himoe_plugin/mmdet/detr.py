@@ -333,11 +333,41 @@ class HIMoEDetrMixin:
 
     def predict(self, batch_inputs: Tensor, batch_data_samples: SampleList,
                 rescale: bool = True) -> SampleList:
+        """Stock predictions; with ``test_cfg.output_routing=True`` every ``pred_instances`` also
+        holds ``experts`` (n, k) long and ``expert_weights`` (n, k) float: the routing of the
+        object query each prediction came from, in the last MoE decoder layer."""
         img_feats = self.extract_feat(batch_inputs)
-        head_inputs, _ = self.forward_transformer(img_feats, batch_data_samples)
+        head_inputs, routings = self.forward_transformer(img_feats, batch_data_samples)
         results_list = self.bbox_head.predict(**head_inputs, rescale=rescale,
                                               batch_data_samples=batch_data_samples)
+        if (self.test_cfg or {}).get('output_routing', False):
+            self._add_query_routing(results_list, head_inputs, routings)
         return self.add_pred_to_datasample(batch_data_samples, results_list)
+
+    def _add_query_routing(self, results_list: List, head_inputs: Dict,
+                           routings: List[Routing]) -> None:
+        decoder_layers = sum(ffn.stats_scope.startswith('decoder') for ffn in self.moe_ffns)
+        if decoder_layers == 0:
+            raise MoEConfigError('test_cfg.output_routing', True,
+                                 'predictions come from decoder queries, but no decoder layer is '
+                                 'an MoE layer (moe.decoder_layers)')
+        routing = routings[-1]  # the last MoE decoder layer routes every query of every image
+        cls_scores = self.bbox_head(**head_inputs)[0][-1]  # (B, Q, C) of the last decoder layer
+        num_queries = cls_scores.shape[1]
+        for image, results in enumerate(results_list):
+            rows = image * num_queries + self._query_of_predictions(cls_scores[image])
+            results.experts = routing.expert_index[rows]
+            results.expert_weights = routing.combine_weight[rows].float()
+
+    def _query_of_predictions(self, cls_score: Tensor) -> Tensor:
+        """(n,) the query of each of one image's predictions, selected as the stock
+        ``DETRHead._predict_by_feat_single`` selects them (top ``max_per_img`` scores)."""
+        max_per_img = self.bbox_head.test_cfg.get('max_per_img', len(cls_score))
+        if self.bbox_head.loss_cls.use_sigmoid:
+            indexes = cls_score.sigmoid().view(-1).topk(max_per_img).indices
+            return indexes // self.bbox_head.num_classes
+        scores = cls_score.softmax(dim=-1)[..., :-1].max(dim=-1).values
+        return scores.topk(max_per_img).indices
 
     def _forward(self, batch_inputs: Tensor,
                  batch_data_samples: OptSampleList = None) -> Tuple[List[Tensor]]:

@@ -104,11 +104,24 @@ def routing_losses(losses: Mapping[str, Optional[RoutingLoss]],
 
 
 
+#: Message-hub runtime info, True while a ``RoutingStatisticsHook`` writes the statistics.
+STATS_BY_HOOK = 'himoe_routing_statistics_by_hook'
+
+
+def write_routing_statistics(model: nn.Module, message_hub: MessageHub) -> None:
+    """Write the mean routing statistics of the MoE blocks in ``model`` since the last write
+    (accumulated on device; one host sync per block) to ``message_hub`` as ``train/himoe/...``,
+    where the ``LogProcessor`` picks them up."""
+    for name, value in collect_routing_statistics(model).items():
+        message_hub.update_scalar(f'train/{name}', value)
+
+
 def log_routing_statistics(model: nn.Module, stats_period: int) -> None:
-    """Every ``stats_period`` training iterations, write the mean routing statistics of the MoE
-    blocks in ``model`` (accumulated on device; one host sync per block) to the message hub
-    as ``train/himoe/...``, where the ``LogProcessor`` picks them up."""
+    """Every ``stats_period`` training iterations, ``write_routing_statistics`` to the current
+    message hub; nothing while a ``RoutingStatisticsHook`` writes them at the logger's interval."""
     message_hub = MessageHub.get_current_instance()
+    if message_hub.get_info(STATS_BY_HOOK):
+        return
     iteration = message_hub.get_info('iter')
     if iteration is None:  # outside a runner: count the blocks' own training steps
         steps = [m.statistics.steps for m in model.modules() if isinstance(m, MoEBlock)]
@@ -116,5 +129,4 @@ def log_routing_statistics(model: nn.Module, stats_period: int) -> None:
     else:
         step = iteration + 1
     if step % stats_period == 0:
-        for name, value in collect_routing_statistics(model).items():
-            message_hub.update_scalar(f'train/{name}', value)
+        write_routing_statistics(model, message_hub)

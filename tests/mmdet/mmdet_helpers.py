@@ -91,6 +91,7 @@ def without_roi_head(cfg: Config) -> dict:
     settings = without_scope(cfg.to_dict())
     settings['model'].pop('roi_head')
     settings.pop('custom_imports', None)
+    settings.pop('custom_hooks', None)  # the plugin's hooks (statistics, weights-only checkpoints)
     return settings
 
 

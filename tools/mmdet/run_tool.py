@@ -6,8 +6,13 @@
     python tools/mmdet/run_tool.py train.py CONFIG [train.py options]
     python tools/mmdet/run_tool.py test.py CONFIG CHECKPOINT [test.py options]
     python tools/mmdet/run_tool.py model_converters/publish_model.py IN_FILE OUT_FILE
+    python tools/mmdet/run_tool.py analysis_tools/get_flops.py CONFIG [get_flops.py options]
     python -m torch.distributed.run --nproc_per_node 2 tools/mmdet/run_tool.py \\
         train.py CONFIG --launcher pytorch
+
+After ``analysis_tools/get_flops.py`` (whose FLOPs count the top-k experts each RoI ran, and whose
+``Params`` are all parameters), it also prints the parameters one instance runs through: total vs
+active.
 
 Started by ``torch.distributed.run`` on a machine without CUDA, it first opens the gloo
 process group: MMEngine's ``pytorch`` launcher calls ``torch.cuda.set_device`` (which fails
@@ -46,7 +51,27 @@ def main() -> None:
 
     init_cpu_process_group()
     sys.argv = [str(tool), *sys.argv[2:]]
-    runpy.run_path(str(tool), run_name='__main__')
+    namespace = runpy.run_path(str(tool), run_name='__main__')
+    if tool.name == 'get_flops.py':
+        print_active_parameters(namespace['parse_args']())
+
+
+def print_active_parameters(args) -> None:
+    """Total vs active (per instance) parameters of the model ``get_flops.py`` analysed."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from himoe_plugin.core.analysis import count_parameters
+
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    count = count_parameters(MODELS.build(cfg.model))
+    print(f'HI-MoE parameters: total {count.total / 1e6:.2f}M, active per instance '
+          f'{count.active / 1e6:.2f}M ({count.active / count.total:.1%}); routed experts '
+          f'{count.experts / 1e6:.2f}M. Flops count the experts each instance ran.')
 
 
 if __name__ == '__main__':

@@ -18,5 +18,8 @@ model = dict(
             scene_top_k=2),
         shared_expert=True,
         loss_balance=dict(type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
-        loss_router_z=dict(type='RouterZLoss', loss_weight=0.001),
-        stats_period=10))
+        loss_router_z=dict(type='RouterZLoss', loss_weight=0.001)))
+
+# Routing statistics (train/himoe/*) whenever the logger logs (its interval read at run time);
+# checkpoints that torch.load(weights_only=True) and mmdet's publish_model.py read as they are.
+custom_hooks = [dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook')]

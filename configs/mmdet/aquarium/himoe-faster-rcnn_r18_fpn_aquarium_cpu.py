@@ -3,7 +3,7 @@
 # scene router keeps 2 groups per image and every RoI goes to 2 of their 4 experts.
 # Super-class supervision of the scene router (off here) needs:
 #   model.roi_head.bbox_head.loss_scene=dict(type='SceneSupervisionLoss', loss_weight=0.1)
-#   custom_hooks=[dict(type='SceneSupervisionHook')]
+#   custom_hooks=[..., dict(type='SceneSupervisionHook')]
 _base_ = './faster-rcnn_r18_fpn_aquarium_cpu.py'
 
 custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
@@ -11,7 +11,6 @@ custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False
 model = dict(
     roi_head=dict(
         type='InstanceMoERoIHead',
-        stats_period={{_base_.default_hooks.logger.interval}},
         bbox_head=dict(
             type='MoEShared2FCBBoxHead',
             router=dict(
@@ -23,3 +22,7 @@ model = dict(
             loss_balance=dict(
                 type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
             loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))
+
+# Routing statistics (train/himoe/*) whenever the logger logs (its interval read at run time);
+# checkpoints that torch.load(weights_only=True) and mmdet's publish_model.py read as they are.
+custom_hooks = [dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook')]

@@ -23,5 +23,8 @@ model = dict(
         expert_channels=None,  # None: the FFN's feedforward_channels (2048)
         loss_balance=dict(type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
         loss_router_z=dict(type='RouterZLoss', loss_weight=0.001),
-        upcycle=dict(mode='copy', noise_std=0.0),
-        stats_period=50))
+        upcycle=dict(mode='copy', noise_std=0.0)))
+
+# Routing statistics (train/himoe/*) whenever the logger logs (its interval read at run time);
+# checkpoints that torch.load(weights_only=True) and mmdet's publish_model.py read as they are.
+custom_hooks = [dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook')]

@@ -1,0 +1,90 @@
+"""PNG figures of a routing analysis (matplotlib, Agg): attribute x expert heatmaps and scene-group
+usage per supercategory, one set per MoE layer; plus the expert colours the example images use."""
+from __future__ import annotations
+
+import colorsys
+import re
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+#: (summary key = file suffix, row axis label, attribute name in the title) of the heatmaps.
+HEATMAPS = (
+    ("class_expert", "ground-truth class (IoU >= 0.5)", "class of the objects"),
+    ("size_expert", "object size (COCO)", "size"),
+    ("level_expert", "feature level", "level"),
+)
+
+
+def expert_colors(num_experts: int) -> List[Tuple[float, float, float]]:
+    """A distinct, saturated RGB colour (0..1) per expert: hues evenly spaced around the circle."""
+    return [colorsys.hsv_to_rgb(e / max(1, num_experts), 0.9, 1.0) for e in range(num_experts)]
+
+
+def _heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
+             xlabel: str, ylabel: str, path: Path, unit: str) -> Path:
+    """Annotated heatmap of ``values`` (rows, cols) in ``unit`` ('%': fractions shown x100)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if unit == "%":
+        values = 100 * values
+    rows, cols = values.shape
+    fig, ax = plt.subplots(figsize=(3.6 + 0.8 * cols, 1.9 + 0.45 * rows))
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=max(1e-9, float(values.max())), aspect="auto")
+    ax.set_xticks(range(cols), labels=col_labels, fontsize=10)
+    ax.set_yticks(range(rows), labels=row_labels, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.set_title(title, fontsize=11)
+    threshold = 0.55 * values.max() if values.size else 0.0
+    for r in range(rows):
+        for c in range(cols):
+            text = f"{values[r, c]:.0f}" if unit == "%" else f"{values[r, c]:.2f}"
+            ax.text(c, r, text, ha="center", va="center", fontsize=9,
+                    color="white" if values[r, c] > threshold else "black")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label(unit, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _file_name(layer: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer)
+
+
+def write_figures(summary: Dict[str, object], out_dir: Path) -> Dict[str, Path]:
+    """Every figure of ``RoutingAnalysis.summary()``; returns name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: Dict[str, Path] = {}
+    for layer, entry in summary["layers"].items():
+        experts = [f"e{e}" for e in range(entry["num_experts"])]
+        for key, row_title, attribute in HEATMAPS:
+            mass = np.asarray(entry[key]["mass"], dtype=float).reshape(len(entry[key]["rows"]), len(experts))
+            totals = mass.sum(axis=1)
+            keep = totals > 0
+            if not keep.any():
+                continue
+            share = mass[keep] / totals[keep, None]
+            labels = [f"{name} (n={total:.0f})" for name, total, k in zip(entry[key]["rows"], totals, keep) if k]
+            metric = entry["metrics"][key]
+            title = (f"{layer}: where each row's routing mass goes (% of the row)\n"
+                     f"I({attribute}; expert) = {metric['mi_bits']:.3f} bits, normalised {metric['nmi']:.3f}")
+            name = f"{_file_name(layer)}_{key}"
+            paths[name] = _heatmap(share, labels, experts, title, "expert", row_title,
+                                   out_dir / f"{name}.png", "%")
+        scene = entry["scene_group_usage"]
+        if scene:
+            names = list(scene)
+            usage = np.asarray([scene[n]["group_usage"] for n in names], dtype=float)
+            labels = [f"{n} ({scene[n]['images']} img)" for n in names]
+            name = f"{_file_name(layer)}_scene_groups"
+            paths[name] = _heatmap(
+                usage, labels, [f"g{g}" for g in range(entry["num_groups"])],
+                f"{layer}: scene subsets\nimages (% of the row) whose subset kept each group",
+                "expert group", "images containing supercategory", out_dir / f"{name}.png", "%")
+    return paths
