@@ -2,6 +2,7 @@
 
     python benchmarks/cascade.py                         # both frameworks, short side 512, 7 repeats
     python benchmarks/cascade.py --frameworks detectron2 --size 800 --repeats 9
+    python benchmarks/cascade.py --timer cpu --threads 1    # CPU time, on a machine shared with other jobs
 
 For each framework: the stock dense Cascade R-CNN R50-FPN (boxes only: Detectron2's
 ``Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml`` with ``MASK_ON: False``, mmdet's
@@ -33,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from detector import MMDET_BODY, REPO_ROOT, calibrate_batch_norm, check_identical_trunks, data_root
-from timing import RESULTS_DIR, compare, fmt_ratio, ratio_summary, write_results
+from timing import (RESULTS_DIR, add_timer_arguments, apply_timer_arguments, compare, fmt_ratio, ratio_summary,
+                    write_results)
 
 #: name -> (top_k, route_once); None: the dense cascade.
 VARIANTS: Dict[str, Optional[Tuple[int, str]]] = {
@@ -207,7 +209,10 @@ def main() -> None:
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS))
     parser.add_argument("--variants", nargs="+", default=[n for n in VARIANTS if n != "dense"],
                         choices=[n for n in VARIANTS if n != "dense"])
+    add_timer_arguments(parser)
     args = parser.parse_args()
+    args.device = torch.device("cpu")
+    apply_timer_arguments(args)
 
     himoe = args.variants
     results: List[dict] = []
@@ -224,7 +229,7 @@ def main() -> None:
             info[name] = variant.info
             for phase in ("infer", "train"):
                 pair = {"dense": getattr(dense, phase), name: getattr(variant, phase)}
-                measured = compare(pair, repeats=args.repeats)
+                measured = compare(pair, repeats=args.repeats, timer=args.timer)
                 summary = ratio_summary(measured, "dense")
                 summaries[phase][name] = summary[name]
                 summaries[phase].setdefault("dense", summary["dense"])  # seconds of the first pair
@@ -247,7 +252,8 @@ def report(args: argparse.Namespace, results: List[dict]) -> None:
             measured = {r["framework"] for r in results}
             results = [r for r in earlier["results"] if r["framework"] not in measured] + results
     himoe = [name for name in VARIANTS if any(name in r["summary"] for r in results) and name != "dense"]
-    lines = [f"Input: short side {args.size}; median of {args.repeats} alternating repeats of each "
+    lines = [f"Input: short side {args.size}; {args.timer} time, {torch.get_num_threads()} thread(s); "
+             f"median of {args.repeats} alternating repeats of each "
              "variant next to a fresh dense cascade; ratio = per-repeat time / dense (median, "
              "min-max). Target: k1_instance inference <= 1.05.", "",
              "| framework | phase | dense s | " + " | ".join(f"{n} / dense" for n in himoe) + " |",
@@ -264,7 +270,8 @@ def report(args: argparse.Namespace, results: List[dict]) -> None:
         for name, i in r["info"].items():
             lines.append(f"| {r['framework']} | {name} | {i['params']['total'] / 1e6:.1f} | "
                          f"{i['params']['active'] / 1e6:.1f} | {i['gmacs']:.1f} | {i['box_head_gmacs']:.2f} |")
-    path = write_results("cascade", {"size": args.size, "repeats": args.repeats, "results": results}, lines)
+    path = write_results("cascade", {"size": args.size, "repeats": args.repeats, "timer": args.timer,
+                                     "results": results}, lines)
     print("\n".join(lines))
     print(f"\nwrote {path}")
 

@@ -3,6 +3,7 @@
     python benchmarks/dino.py                  # 512x512, 5 repeats
     python benchmarks/dino.py --quick          # 2 encoder + 2 decoder layers, 2 repeats
     python benchmarks/dino.py --device cuda
+    python benchmarks/dino.py --timer cpu --threads 1   # CPU time, on a machine shared with other jobs
 
 Contenders: the stock DINO R50 4-scale (6 + 6 layers, FFN 2048, 900 queries) and HI-MoE variants
 that replace every encoder and decoder FFN. Every variant is the dense model upcycled (its
@@ -35,7 +36,8 @@ from tqdm import tqdm
 
 from detector import calibrate_batch_norm, data_root
 from moe_layer import NaiveMoE
-from timing import compare, fmt_ratio, ratio_summary, write_results
+from timing import (add_device_argument, add_timer_arguments, apply_timer_arguments, compare, fmt_ratio,
+                    ratio_summary, write_results)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE = "mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py"
@@ -100,7 +102,7 @@ val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
     return body
 
 
-def build_variants(size: int, layers: int, device: str):
+def build_variants(size: int, layers: int, device: torch.device):
     from mmengine.analysis import FlopAnalyzer
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
@@ -141,12 +143,10 @@ def build_variants(size: int, layers: int, device: str):
             model.eval()
             with torch.no_grad():
                 model.test_step(infer_batch)
-            _sync(device)
 
         def run_train(model=model, optim=optim):
             model.train()
             model.train_step(train_batch, optim)
-            _sync(device)
 
         infer[name], train[name] = run_infer, run_train
         info[name] = dict(params=parameter_counts(model, name), gmacs=_gmacs(model, infer_batch, FlopAnalyzer))
@@ -180,31 +180,29 @@ def _gmacs(model, batch, analyzer_type) -> float:
         model.forward = forward
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="images are resized and padded to size x size")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=6, help="encoder and decoder layers (stock: 6)")
     parser.add_argument("--quick", action="store_true", help="2 + 2 layers, 2 repeats")
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
+    add_timer_arguments(parser)
     args = parser.parse_args()
+    apply_timer_arguments(args)
     if args.quick:
         args.layers, args.repeats = 2, 2
 
     infer, train, info = build_variants(args.size, args.layers, args.device)
     results: List[dict] = []
     for phase, contenders in (("infer", infer), ("train", train)):
-        seconds = compare(contenders, repeats=args.repeats)
+        seconds = compare(contenders, repeats=args.repeats, device=args.device, timer=args.timer)
         results.append(dict(phase=phase, summary=ratio_summary(seconds, "dense"), seconds=seconds))
 
     names = [n for n in VARIANTS if n != "dense"]
     lines = [f"DINO R50 4-scale, {args.layers} + {args.layers} layers, {args.size}x{args.size}, "
-             f"device {args.device}; median of {args.repeats} alternating repeats; "
+             f"device {args.device}, {args.timer} time, {torch.get_num_threads()} thread(s); "
+             f"median of {args.repeats} alternating repeats; "
              "ratio = per-repeat time / dense (median, min-max).", "",
              "| phase | dense s | " + " | ".join(f"{n} / dense" for n in names) + " |",
              "|---|---:|" + "---:|" * len(names)]
@@ -219,7 +217,7 @@ def main() -> None:
         lines.append(f"| {name} | {i['params']['total'] / 1e6:.1f} | {i['params']['active'] / 1e6:.1f} | "
                      f"{i['gmacs']:.1f} |")
     path = write_results("dino", {"size": args.size, "layers": args.layers, "repeats": args.repeats,
-                                  "device": args.device, "info": info, "results": results}, lines)
+                                  "timer": args.timer, "info": info, "results": results}, lines, args.device)
     print("\n".join(lines))
     print(f"\nwrote {path}")
 
