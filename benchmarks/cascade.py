@@ -26,14 +26,14 @@ import gc
 import json
 import tempfile
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
-from detector import MMDET_BODY, REPO_ROOT, calibrate_batch_norm, check_identical_trunks, data_root
+from detector import (MMDET_BODY, REPO_ROOT, calibrate_batch_norm, check_identical_trunks, data_root,
+                      mmdet_macs_by_module)
 from timing import (RESULTS_DIR, add_timer_arguments, apply_timer_arguments, compare, fmt_ratio, ratio_summary,
                     write_results)
 
@@ -131,7 +131,6 @@ def detectron2_builder(size: int) -> Callable[[str, bool], Contender]:
 
 # ----------------------------------------------------------------------------- MMDetection
 def mmdet_builder(size: int) -> Callable[[str, bool], Contender]:
-    from mmengine.analysis import FlopAnalyzer
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
@@ -183,15 +182,7 @@ def mmdet_builder(size: int) -> Callable[[str, bool], Contender]:
 
         info = {}
         if analyze:
-            model.eval()
-            data = model.data_preprocessor(infer_batch, False)
-            forward = model.forward
-            model.forward = partial(forward, data_samples=data["data_samples"])
-            analyzer = FlopAnalyzer(model, inputs=data["inputs"])
-            analyzer.unsupported_ops_warnings(False)
-            analyzer.uncalled_modules_warnings(False)
-            by_module = analyzer.by_module()
-            model.forward = forward
+            by_module = mmdet_macs_by_module(model, infer_batch)
             info = model_info(model, by_module[""] / 1e9, by_module["roi_head.bbox_head"] / 1e9)
         return Contender(model, run_infer, run_train, info, ("backbone.", "neck.", "rpn_head."))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -80,6 +81,24 @@ def parameter_counts(model: torch.nn.Module, experts: torch.nn.Module, top_k: in
 
 
 # ----------------------------------------------------------------------------- Detectron2
+def mmdet_macs_by_module(model: torch.nn.Module, batch: dict) -> Dict[str, int]:
+    """Multiply-adds of one inference pass of an mmdet detector per module name ('' = all), as
+    mmengine's ``FlopAnalyzer`` (what ``get_flops.py`` uses) counts them."""
+    from mmengine.analysis import FlopAnalyzer
+
+    model.eval()
+    data = model.data_preprocessor(batch, False)
+    forward = model.forward
+    model.forward = partial(forward, data_samples=data["data_samples"])
+    try:
+        analyzer = FlopAnalyzer(model, inputs=data["inputs"])
+        analyzer.unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
+        return analyzer.by_module()
+    finally:
+        model.forward = forward
+
+
 def detectron2_models(size: int, device: torch.device):
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.data import transforms as T
@@ -173,9 +192,6 @@ val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
 
 
 def mmdet_models(size: int, device: torch.device):
-    from functools import partial
-
-    from mmengine.analysis import FlopAnalyzer
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
@@ -224,15 +240,7 @@ def mmdet_models(size: int, device: torch.device):
             model.train_step(train_batch, optim)
 
         infer[name], train[name] = run_infer, run_train
-        model.eval()
-        data = model.data_preprocessor(infer_batch, False)
-        forward = model.forward
-        model.forward = partial(forward, data_samples=data["data_samples"])
-        analyzer = FlopAnalyzer(model, inputs=data["inputs"])
-        analyzer.unsupported_ops_warnings(False)
-        analyzer.uncalled_modules_warnings(False)
-        by_module = analyzer.by_module()
-        model.forward = forward
+        by_module = mmdet_macs_by_module(model, infer_batch)
         head = model.roi_head.bbox_head
         experts = head.moe_block.moe.experts if hasattr(head, "moe_block") else None
         info[name] = dict(params=parameter_counts(model, experts, VARIANTS[name] or 1),

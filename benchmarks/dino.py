@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-from functools import partial
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 from tqdm import tqdm
 
-from detector import calibrate_batch_norm, data_root
+from detector import calibrate_batch_norm, data_root, mmdet_macs_by_module
 from moe_layer import NaiveMoE
 from timing import (add_device_argument, add_timer_arguments, apply_timer_arguments, compare, fmt_ratio,
                     ratio_summary, write_results)
@@ -103,7 +102,6 @@ val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
 
 
 def build_variants(size: int, layers: int, device: torch.device):
-    from mmengine.analysis import FlopAnalyzer
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
@@ -149,7 +147,7 @@ def build_variants(size: int, layers: int, device: torch.device):
             model.train_step(train_batch, optim)
 
         infer[name], train[name] = run_infer, run_train
-        info[name] = dict(params=parameter_counts(model, name), gmacs=_gmacs(model, infer_batch, FlopAnalyzer))
+        info[name] = dict(params=parameter_counts(model, name), gmacs=mmdet_macs_by_module(model, infer_batch)[""] / 1e9)
     return infer, train, info
 
 
@@ -164,20 +162,6 @@ def parameter_counts(model: torch.nn.Module, name: str) -> Dict[str, int]:
         per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
         idle += per_expert * (experts.num_experts - ffn.config.top_k)
     return {"total": total, "active": total - idle}
-
-
-def _gmacs(model, batch, analyzer_type) -> float:
-    model.eval()
-    data = model.data_preprocessor(batch, False)
-    forward = model.forward
-    model.forward = partial(forward, data_samples=data["data_samples"])
-    try:
-        analyzer = analyzer_type(model, inputs=data["inputs"])
-        analyzer.unsupported_ops_warnings(False)
-        analyzer.uncalled_modules_warnings(False)
-        return analyzer.total() / 1e9
-    finally:
-        model.forward = forward
 
 
 def main() -> None:
