@@ -84,6 +84,11 @@ class InstanceMoECascadeROIHeads(SceneRoutedROIHeads, CascadeROIHeads):
                 "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", False,
                 "cascade ROI heads regress class-agnostic boxes (the stock cascade configs set it True)",
             )
+        if cfg.MODEL.HIMOE.OUTPUT_ROUTING:
+            raise MoEConfigError(
+                himoe_key("output_routing"), True,
+                "routing in predictions is implemented for InstanceMoEROIHead, not yet for cascades",
+            )
         ret = super().from_config(cfg, input_shape)
         for box_head in ret["box_heads"]:
             check_moe_box_head(box_head, "InstanceMoECascadeROIHeads")

@@ -176,6 +176,8 @@ def test_r50_cascade_yaml_and_lazyconfig_build_the_same_model():
      r"MODEL\.ROI_BOX_HEAD\.CLS_AGNOSTIC_BBOX_REG=False: cascade ROI heads regress class-agnostic"),
     (["MODEL.ROI_HEADS.NAME", "InstanceMoEROIHead", "MODEL.HIMOE.ROUTE_ONCE", "scene"], MoEConfigError,
      r"MODEL\.HIMOE\.ROUTE_ONCE='scene': only cascade ROI heads route once .* has one stage"),
+    (["MODEL.HIMOE.OUTPUT_ROUTING", "True"], MoEConfigError,
+     r"MODEL\.HIMOE\.OUTPUT_ROUTING=True: routing in predictions is implemented for InstanceMoEROIHead"),
 ])
 def test_bad_cascade_settings_fail_naming_the_key(registered, tmp_path, opts, error, message):
     with pytest.raises(error, match=message):
