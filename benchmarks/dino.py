@@ -216,8 +216,9 @@ def main() -> None:
                 continue
             pair = {"dense": getattr(dense, f"run_{phase}"), name: getattr(variant, f"run_{phase}")}
             measured = compare(pair, repeats=args.repeats, device=args.device, timer=args.timer)
-            summaries[phase][name] = ratio_summary(measured, "dense")[name]
-            summaries[phase].setdefault("dense", ratio_summary(measured, "dense")["dense"])
+            summary = ratio_summary(measured, "dense")
+            summaries[phase][name] = summary[name]
+            summaries[phase].setdefault("dense", summary["dense"])  # seconds of the first pair
             seconds[phase][name] = measured
         del variant
         gc.collect()

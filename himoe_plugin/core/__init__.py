@@ -14,6 +14,7 @@ from .config import (
     MoEConfigError,
     check_contiguous_layers,
     check_expert_backend,
+    check_noise_std,
     check_route_once,
 )
 from .dispatch import DispatchPlan, build_dispatch_plan
@@ -55,6 +56,7 @@ __all__ = [
     "ROUTE_ONCE_MODES",
     "check_route_once",
     "check_expert_backend",
+    "check_noise_std",
     "EXPERT_BACKENDS",
     "DispatchPlan",
     "build_dispatch_plan",

@@ -41,6 +41,13 @@ def check_route_once(value: Any, key: str) -> str:
     return mode
 
 
+def check_noise_std(value: Any, key: str) -> float:
+    """``value`` (a noise std, e.g. of upcycled experts) as a finite float >= 0; errors name ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise MoEConfigError(key, value, "must be a finite number >= 0")
+    return float(value)
+
+
 def check_contiguous_layers(layers: Sequence[int], num_layers: int, key: str) -> None:
     """The expert block must be a non-empty, increasing, contiguous run of existing fc layers
     (0-based indices into ``num_layers``); errors name ``key``."""

@@ -1,7 +1,6 @@
 """``MODEL.HIMOE`` config keys, their validation, and yaml inheritance from the model zoo."""
 from __future__ import annotations
 
-import math
 import os
 import threading
 from dataclasses import fields
@@ -16,7 +15,7 @@ from detectron2.modeling.roi_heads import (
     StandardROIHeads,
 )
 
-from ..core import MoEConfig, MoEConfigError, check_contiguous_layers, check_route_once
+from ..core import MoEConfig, MoEConfigError, check_contiguous_layers, check_noise_std, check_route_once
 
 MODEL_ZOO_PREFIX = "model_zoo://"
 
@@ -65,9 +64,7 @@ def check_head_settings(values: Mapping[str, Any], key_of: Callable[[str], str])
     ``expert_dim``, ``upcycle_noise_std``, ``stats_period``); errors name ``key_of(name)``."""
     for name, value in values.items():
         if name == "upcycle_noise_std":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise MoEConfigError(key_of(name), value, "must be a finite number >= 0")
+            check_noise_std(value, key_of(name))
             continue
         minimum = {"expert_dim": 0, "stats_period": 1}[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -13,9 +13,8 @@ from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from ..core import (MoEBlock, MoEConfig, MoEConfigError, Routing, SceneRouting,
-                    check_contiguous_layers, require_routing_inputs)
-from .moe_settings import (build_router, build_routing_losses, check_upcycle_noise,
-                           routing_losses)
+                    check_contiguous_layers, check_noise_std, require_routing_inputs)
+from .moe_settings import build_router, build_routing_losses, routing_losses
 
 #: How errors name the head's settings (its place in a Faster R-CNN config).
 HEAD_KEY = 'roi_head.bbox_head'
@@ -84,8 +83,8 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
             raise MoEConfigError(f'{HEAD_KEY}.expert_channels', expert_channels,
                                  'must be an integer >= 0')
         self.moe_fc_layers = layers
-        self.upcycle_noise_std = check_upcycle_noise(f'{HEAD_KEY}.upcycle_noise_std',
-                                                     upcycle_noise_std)
+        self.upcycle_noise_std = check_noise_std(upcycle_noise_std,
+                                                 f'{HEAD_KEY}.upcycle_noise_std')
         self.upcycle_report: List[str] = []
 
         losses = build_routing_losses(HEAD_KEY, dict(

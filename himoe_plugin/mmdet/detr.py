@@ -29,9 +29,9 @@ from mmengine.logging import print_log
 from torch import Tensor, nn
 
 from ..core import (UPCYCLE_MODES, HierarchicalRouter, MoEBlock, MoEConfigError, Routing,
-                    masked_token_mean)
-from .moe_settings import (build_router, build_routing_losses, check_upcycle_noise,
-                           log_routing_statistics, routing_losses)
+                    check_noise_std, masked_token_mean)
+from .moe_settings import (build_router, build_routing_losses, log_routing_statistics,
+                           routing_losses)
 
 #: How errors name the detector's ``moe`` settings.
 MOE_KEY = 'moe'
@@ -224,8 +224,7 @@ class HIMoEDetrMixin:
         mode = upcycle.pop('mode', 'copy')
         if mode not in UPCYCLE_MODES:
             raise MoEConfigError(f'{MOE_KEY}.upcycle.mode', mode, f'must be one of {UPCYCLE_MODES}')
-        noise_std = check_upcycle_noise(f'{MOE_KEY}.upcycle.noise_std',
-                                        upcycle.pop('noise_std', 0.0))
+        noise_std = check_noise_std(upcycle.pop('noise_std', 0.0), f'{MOE_KEY}.upcycle.noise_std')
         if upcycle:
             raise MoEConfigError(f'{MOE_KEY}.upcycle', sorted(upcycle),
                                  "unknown keys; known: ['mode', 'noise_std']")

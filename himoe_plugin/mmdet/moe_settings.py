@@ -81,14 +81,6 @@ def build_router(owner_key: str, router_cfg: ConfigType,
     return router
 
 
-def check_upcycle_noise(key: str, noise_std: float) -> float:
-    """``noise_std`` as a finite float >= 0, else ``MoEConfigError`` naming ``key``."""
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) \
-            or not noise_std >= 0 or noise_std == float('inf'):
-        raise MoEConfigError(key, noise_std, 'must be a finite number >= 0')
-    return float(noise_std)
-
-
 def routing_losses(losses: Mapping[str, Optional[RoutingLoss]],
                    routings: Sequence[Routing]) -> Dict[str, Tensor]:
     """The weighted ``loss_moe_*`` terms of training ``routings`` (one per MoE block), each the
