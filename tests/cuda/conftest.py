@@ -3,7 +3,8 @@
 ``tools/gpu/run_checks.sh`` runs them on a GPU (``pytest tests/cuda -m cuda``). They run on
 ``$HIMOE_CUDA_TESTS_DEVICE`` (default ``cuda``); the CPU dry run of that script
 (``tests/test_gpu_kit.py``) sets it to ``cpu``, where each test runs its CPU counterpart (gloo
-for NCCL, CPU autocast in bfloat16, torch's grouped GEMM fallback).
+for NCCL, torch's grouped GEMM fallback, CPU bfloat16 autocast for the experts; the Detectron2
+step in float32 and smaller, as CPU autocast convolutions take minutes).
 """
 import os
 from pathlib import Path

@@ -47,9 +47,10 @@ def routed_rows(device, n=1000, seed=0):
 
 
 def run_experts(experts, x, upstream, plan, device, dtype):
+    """Output and gradients (input, then every parameter) under autocast to ``dtype`` (None: off)."""
     x = x.clone().requires_grad_()
     experts.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=dtype):
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = experts(x, plan)
     (out.float() * upstream).sum().backward()
     return out, [x.grad] + [p.grad for p in experts.parameters()]
@@ -57,23 +58,28 @@ def run_experts(experts, x, upstream, plan, device, dtype):
 
 def test_grouped_gemm_equals_loop_in_bfloat16_forward_and_backward(device, grouped_mm_calls):
     torch.manual_seed(0)
+    reference = StackedMLPExperts(NUM_EXPERTS, DIMS, expert_backend="loop").to(device)
     loop = StackedMLPExperts(NUM_EXPERTS, DIMS, expert_backend="loop").to(device)
     grouped = StackedMLPExperts(NUM_EXPERTS, DIMS, expert_backend="grouped_mm").to(device)
-    grouped.load_state_dict(loop.state_dict())
-    plan = routed_rows(device)
+    loop.load_state_dict(reference.state_dict())
+    grouped.load_state_dict(reference.state_dict())
+    plan = routed_rows(device, n=1000 if device.type == "cuda" else 256)
     x = torch.randn(plan.num_instances, DIMS[0], device=device)
     upstream = torch.randn(plan.num_instances, DIMS[-1], device=device)
 
+    out_ref, grads_ref = run_experts(reference, x, upstream, plan, device, None)  # float32
     out_loop, grads_loop = run_experts(loop, x, upstream, plan, device, torch.bfloat16)
     assert grouped_mm_calls == []
     out_grouped, grads_grouped = run_experts(grouped, x, upstream, plan, device, torch.bfloat16)
     assert len(grouped_mm_calls) == 3 * (len(DIMS) - 1)  # forward, input and weight gradients per layer
 
+    # Both backends round to bfloat16 alike: the grouped GEMM is as close to float32 as the loop.
     assert out_grouped.dtype == out_loop.dtype == torch.bfloat16
-    assert relative_error(out_grouped, out_loop) < 1e-2
-    for g_grouped, g_loop in zip(grads_grouped, grads_loop):
-        assert torch.isfinite(g_grouped.float()).all()
-        assert relative_error(g_grouped, g_loop) < 2e-2
+    pairs = [(out_grouped, out_loop, out_ref)] + list(zip(grads_grouped, grads_loop, grads_ref))
+    for grouped_value, loop_value, ref_value in pairs:
+        assert torch.isfinite(grouped_value.float()).all()
+        error_grouped, error_loop = relative_error(grouped_value, ref_value), relative_error(loop_value, ref_value)
+        assert error_grouped < 0.1 and error_grouped <= 1.25 * error_loop + 5e-3, (error_grouped, error_loop)
     for param in grouped.parameters():  # (E, ...) stacked: the idle expert's slice is exactly zero
         assert param.grad[IDLE_EXPERT].abs().max().item() == 0.0
         assert param.grad[IDLE_EXPERT - 1].abs().max().item() > 0.0
@@ -82,7 +88,7 @@ def test_grouped_gemm_equals_loop_in_bfloat16_forward_and_backward(device, group
 def test_auto_backend_uses_the_grouped_kernel_where_it_is_one(device, grouped_mm_calls):
     torch.manual_seed(0)
     experts = StackedMLPExperts(NUM_EXPERTS, DIMS, expert_backend="auto").to(device)
-    plan = routed_rows(device)
+    plan = routed_rows(device, n=1000 if device.type == "cuda" else 256)
     x = torch.randn(plan.num_instances, DIMS[0], device=device)
     upstream = torch.randn(plan.num_instances, DIMS[-1], device=device)
 
@@ -104,7 +110,10 @@ def test_detectron2_himoe_training_step_under_autocast(device, aquarium_root):
 
     cfg = get_himoe_cfg()
     cfg.merge_from_file(HIMOE_YAML)
-    cfg.merge_from_list(["MODEL.DEVICE", str(device), "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "427"])
+    cuda = device.type == "cuda"
+    # On CPU (the dry run) smaller and in float32: CPU autocast convolutions take minutes here.
+    cfg.merge_from_list(["MODEL.DEVICE", str(device), "INPUT.MIN_SIZE_TRAIN", "(256,)" if cuda else "(128,)",
+                         "INPUT.MAX_SIZE_TRAIN", "427" if cuda else "213"])
     register_coco_dataset("cuda_tests_aquarium_train", str(aquarium_root / "annotations/instances_train.json"),
                           str(aquarium_root / "images/train"))
     dicts = [d for d in DatasetCatalog.get("cuda_tests_aquarium_train") if d["annotations"]][:2]
@@ -116,13 +125,13 @@ def test_detectron2_himoe_training_step_under_autocast(device, aquarium_root):
     seen = []
     for block in blocks:
         block.register_forward_hook(lambda module, inputs, output: seen.append(output))
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16  # what AMP training uses
+    amp_dtype = torch.float16 if cuda else torch.float32  # float16: what Detectron2's AMPTrainer uses
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
 
     with EventStorage(0):
-        for _ in range(2):
-            with torch.autocast(device.type, dtype=amp_dtype):
+        for _ in range(2 if cuda else 1):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
                 losses = model(batch)
             assert any(name.startswith("loss_moe") for name in losses), sorted(losses)
             for name, value in losses.items():
