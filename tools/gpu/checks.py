@@ -2,7 +2,7 @@
 """The Python stages of tools/gpu/run_checks.sh (each one a subcommand; run_checks.sh budgets them).
 
     checks.py environment --out F.json                  GPU, driver, Python and package versions
-    checks.py bench NAME --work W [--tiny] -- ARGS...   benchmarks/NAME.py ARGS, in a scratch copy
+    checks.py bench --work W [--tiny] NAME -- ARGS...   benchmarks/NAME.py ARGS, in a scratch copy
     checks.py quality --work W --data-root D --device cuda --budget-s S [--tiny]
     checks.py summary --work W --out F.json             stages + results -> one summary
 
@@ -146,8 +146,9 @@ def quality(work: Path, data_root: Path, device: str, budget_s: float, tiny: boo
               "TEST.EVAL_PERIOD", "0"]
     if tiny:
         common += ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "213", "INPUT.MIN_SIZE_TEST", "128",
-                   "INPUT.MAX_SIZE_TEST", "213", "MODEL.RPN.POST_NMS_TOPK_TEST", "100"]
-    probe_iters = 4 if tiny else 30  # Detectron2 times iterations after its first 3
+                   "INPUT.MAX_SIZE_TEST", "213", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+                   "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64"]
+    probe_iters = 1 if tiny else 30  # Detectron2 times iterations after its first 3 (else: wall time)
     report: Dict[str, object] = {"device": device, "batch": batch, "seed": seed, "amp": cuda, "tiny": tiny,
                                  "budget_s": budget_s, "base_lr": 0.02, "data_root": str(data_root)}
     # Probe: the slower (HI-MoE) model, no evaluation, for its seconds per iteration.
@@ -166,8 +167,10 @@ def quality(work: Path, data_root: Path, device: str, budget_s: float, tiny: boo
     min_iters = 2 if tiny else 100
     if iters < min_iters:
         finish(work, report, f"{left:.0f}s left allow only {iters} iterations per model: not a comparison")
+    steps = sorted({s for s in (int(iters * 0.75), int(iters * 0.9)) if 0 < s < iters})
     schedule = ["SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", str(min(200, iters // 10)),
-                "SOLVER.STEPS", f"({int(iters * 0.75)}, {int(iters * 0.9)})", "SOLVER.CHECKPOINT_PERIOD", str(iters + 1)]
+                "SOLVER.STEPS", "(" + "".join(f"{s}," for s in steps) + ")", "SOLVER.CHECKPOINT_PERIOD", str(iters + 1)]
+    report["schedule"] = schedule
     report["models"] = {}
     for model in QUALITY_MODELS:
         deadline = budget_s - (time.perf_counter() - start)

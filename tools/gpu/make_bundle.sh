@@ -31,6 +31,9 @@ D2_URL="https://files.pythonhosted.org/packages/60/26/48f5bbb7ee492696a21da23303
 D2_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 # Needed on the device but published as an sdist only: built here into a pure-Python wheel.
 SDIST_ONLY=("antlr4-python3-runtime==4.9.3" "fvcore==0.1.5.post20221221")
+# Bundled although the image has setuptools: Detectron2 v0.6's model_zoo imports pkg_resources,
+# which setuptools >= 81 dropped. run_checks.sh installs it only if the image's lacks pkg_resources.
+FALLBACKS=("setuptools>=77,<81")
 PLATFORM_ARGS=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none)
 for n in 39 35 34 31 28 27 24 17; do PLATFORM_ARGS+=(--platform "manylinux_2_${n}_x86_64"); done
 PLATFORM_ARGS+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
@@ -87,6 +90,7 @@ if [[ "$MODE" == check-deps ]]; then
     build_sdist_only_wheels
     log "distributions a full bundle downloads (resolved for CPython 3.12 manylinux x86_64, minus the device image):"
     resolve_missing
+    printf '%s (fallback, installed only where needed)\n' "${FALLBACKS[@]}"
     exit 0
 fi
 
@@ -105,10 +109,10 @@ LIMIT=0; [[ "$MODE" == tiny ]] && LIMIT=8
 if [[ "$MODE" == full ]]; then
     build_sdist_only_wheels
     mapfile -t MISSING < <(resolve_missing)
-    log "downloading ${#MISSING[@]} wheels: ${MISSING[*]}"
+    log "downloading ${#MISSING[@]} wheels: ${MISSING[*]} (and the fallback ${FALLBACKS[*]})"
     # pip's HTTP cache makes a rebuild cheap; find-links supplies the locally built wheels.
     pip_ download -q --no-deps "${PLATFORM_ARGS[@]}" --find-links "$CACHE/local-wheels" \
-        -d "$OUT/wheels" "${MISSING[@]}"
+        -d "$OUT/wheels" "${MISSING[@]}" "${FALLBACKS[@]}"
 fi
 
 log "Detectron2 v0.6 wheel (pb1-detectron2 sdist, patched as in tools/env/setup_env.sh, no C++ ops)"

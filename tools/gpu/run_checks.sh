@@ -107,17 +107,17 @@ stage cuda_tests 150 "$PY" -m pytest tests/cuda -m cuda -p no:cacheprovider \
     -q -rA --junitxml "$WORK/cuda_tests.xml"
 
 if (( TINY )); then
-    MOE_ARGS=(--repeats 1); DETECTOR_ARGS=(--size 128 --repeats 1); QUALITY_ARGS=(--tiny --batch 2)
+    MOE_ARGS=(--repeats 1); DETECTOR_ARGS=(--size 64 --repeats 1); QUALITY_ARGS=(--tiny --batch 2)
 else
     MOE_ARGS=(--repeats 5); DETECTOR_ARGS=(--size 512 --repeats 5); QUALITY_ARGS=(--batch 16)
 fi
 TINY_FLAG=(); (( TINY )) && TINY_FLAG=(--tiny)
 for backend in grouped_mm loop; do
-    stage "bench_moe_layer_$backend" 75 "$PY" tools/gpu/checks.py bench moe_layer --work "$WORK" "${TINY_FLAG[@]}" -- \
+    stage "bench_moe_layer_$backend" 75 "$PY" tools/gpu/checks.py bench --work "$WORK" "${TINY_FLAG[@]}" moe_layer -- \
         --device "$DEVICE" --quick --autocast bfloat16 --expert-backend "$backend" --name "moe_layer_$backend" \
         "${MOE_ARGS[@]}"
 done
-stage bench_detector 150 "$PY" tools/gpu/checks.py bench detector --work "$WORK" "${TINY_FLAG[@]}" -- \
+stage bench_detector 150 "$PY" tools/gpu/checks.py bench --work "$WORK" "${TINY_FLAG[@]}" detector -- \
     --device "$DEVICE" --frameworks detectron2 "${DETECTOR_ARGS[@]}"
 
 QUALITY_BUDGET=$(( DEADLINE - SECONDS - 15 - 10 ))
