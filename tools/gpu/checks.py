@@ -117,10 +117,12 @@ def train_net(model: str, work: Path, data_root: Path, opts: List[str], timeout_
     result: Dict[str, object] = {"returncode": rc, "wall_s": round(time.perf_counter() - start, 1), "log": log.name}
     metrics = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()] \
         if (out_dir / "metrics.json").exists() else []
-    timed = [m for m in metrics if "time" in m]
+    trained = [m for m in metrics if "total_loss" in m]
+    if trained:
+        result.update(iterations=trained[-1]["iteration"] + 1, final_total_loss=trained[-1]["total_loss"])
+    timed = [m for m in metrics if "time" in m]  # median of the last 20 iterations' times
     if timed:
-        result.update(iterations=timed[-1]["iteration"] + 1, s_per_iter=round(timed[-1]["time"], 4),
-                      final_total_loss=timed[-1].get("total_loss"))
+        result["s_per_iter"] = round(timed[-1]["time"], 4)
     result["bbox"] = parse_copypaste(log.read_text())
     return result
 
