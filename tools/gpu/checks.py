@@ -7,7 +7,8 @@
     checks.py summary --work W --out F.json             stages + results -> one summary
 
 ``bench`` runs a copy of ``benchmarks/`` under W, so the results it writes (``results/*.json``)
-stay out of the checkout; ``--tiny`` shrinks moe_layer's grid to toy widths (the CPU dry run).
+stay out of the checkout; ``--tiny`` shrinks moe_layer's grid to toy widths and detector's model to
+R18 with a 256-wide box head and 100 proposals (the CPU dry run).
 ``quality`` trains the dense and the HI-MoE Detectron2 Faster R-CNN R18-FPN Aquarium configs
 (configs/detectron2/aquarium/) from scratch with the same seed and schedule through
 tools/train_net.py, then evaluates COCO AP on Aquarium valid. The schedule is sized to the
@@ -81,6 +82,21 @@ def shrink_moe_layer(module) -> None:
                                 for layer, shared in (("box_fc2", False), ("detr_ffn", True))]
 
 
+#: The dry run's detector: R18, 256-wide box head, 100 proposals (benchmarks/detector.py builds R50).
+TINY_DETECTOR_OPTS = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                      "MODEL.ROI_BOX_HEAD.FC_DIM", "256", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+                      "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64"]
+
+
+def shrink_detector() -> None:
+    """Append ``TINY_DETECTOR_OPTS`` to the one ``merge_from_list`` detector.py applies to each
+    config (this process runs nothing else)."""
+    from detectron2.config import CfgNode
+
+    merge = CfgNode.merge_from_list
+    CfgNode.merge_from_list = lambda cfg, opts: merge(cfg, list(opts) + TINY_DETECTOR_OPTS)
+
+
 def bench(name: str, work: Path, tiny: bool, args: List[str]) -> None:
     scratch = work / "bench"
     copy = scratch / "benchmarks"
@@ -93,6 +109,8 @@ def bench(name: str, work: Path, tiny: bool, args: List[str]) -> None:
     module = importlib.import_module(name)
     if tiny and name == "moe_layer":
         shrink_moe_layer(module)
+    if tiny and name == "detector":
+        shrink_detector()
     sys.argv = [f"{name}.py", *args]
     module.main()
     results = work / "results"
