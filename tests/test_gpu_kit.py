@@ -164,3 +164,15 @@ def test_run_checks_dry_run_on_cpu(tiny_bundle, tmp_path):
         result = quality["models"][model]
         assert result["returncode"] == 0 and result["iterations"] == 2
         assert set(result["bbox"]) >= {"AP", "AP50", "AP75"}
+
+
+@pytest.mark.slow
+def test_check_deps_lists_what_the_device_image_lacks():
+    """Resolves device-requirements.txt against PyPI for CPython 3.12 (network), downloads nothing."""
+    done = subprocess.run(["bash", str(GPU_TOOLS / "make_bundle.sh"), "--check-deps"],
+                          env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    listed = {line.split("==")[0].lower() for line in done.stdout.splitlines() if "==" in line}
+    assert {"pycocotools", "fvcore", "iopath", "yacs", "omegaconf", "hydra-core", "antlr4-python3-runtime"} <= listed
+    assert not listed & {"torch", "torchvision", "numpy", "pyyaml", "pillow", "matplotlib", "pytest"}  # in the image
+    assert "setuptools>=77,<81 (fallback, installed only where needed)" in done.stdout
