@@ -27,6 +27,7 @@ def trained_model(cfg, checkpoint):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(himoe_checkpoint, tmp_path):
     cfg = small_cfg(tmp_path, extra=["TEST.DETECTIONS_PER_IMAGE", "50"])
     model = trained_model(cfg, himoe_checkpoint)
@@ -61,6 +62,7 @@ def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(h
     assert trained_model(cfg, himoe_checkpoint).roi_heads.output_routing is True
 
 
+@pytest.mark.slow
 def test_analyze_routing_tool_writes_table_metrics_and_readable_figures(himoe_checkpoint, registered, data_root,
                                                                         tmp_path, capsys):
     out = tmp_path / "routing"
@@ -137,6 +139,7 @@ def test_console_printer_shows_a_compact_routing_line_when_statistics_are_new():
     assert sum("loss_cls" in line for line in lines) == 2
 
 
+@pytest.mark.slow
 def test_demo_command_draws_routed_predictions_on_an_image(himoe_checkpoint, registered, data_root, tmp_path):
     image = sorted((data_root / "aquarium/images/valid").glob("*.jpg"))[0]
     main = runpy.run_path(str(REPO_ROOT / "tools" / "demo_routing.py"))["main"]

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from mmdet.registry import MODELS
 from mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_stock_config,
@@ -40,6 +41,7 @@ def test_cpu_configs_differ_only_in_the_roi_head():
     assert dense.model.backbone.init_cfg is None and dense.model.backbone.depth == 18
 
 
+@pytest.mark.slow
 def test_default_runs_of_the_aquarium_configs_are_reproducible(tmp_path):
     """The configs are seeded (42, like the Detectron2 twin): two default runs of 2 iterations
     draw the same initial weights and data order, so their losses and weights are identical."""
@@ -67,6 +69,7 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1000))
         assert torch.equal(value, weights_b[key]), key
 
 
+@pytest.mark.slow
 def test_publish_model_through_run_tool(trained_run, tmp_path, data_root):
     """mmdet's publish_model.py (via tools/mmdet/run_tool.py) strips the optimizer; the
     published HI-MoE checkpoint loads strictly and reproduces the trained weights."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+import pytest
 import torch
 from mmdet.registry import MODELS
 from mmdet_helpers import (CONFIG_DIR, DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_tools_dir, subprocess_env,
@@ -47,6 +48,7 @@ def wait_for_published(folder: Path, stem: str) -> Path:
     raise AssertionError(f'no {stem}-<sha>.pth in {folder}')
 
 
+@pytest.mark.slow
 def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(trained_run):
     model, cfg = trained_model(trained_run.config, trained_run.checkpoint)
     cfg.test_dataloader.update(batch_size=2, num_workers=0)
@@ -73,6 +75,7 @@ def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(t
         assert {tuple(row) for row in pred.experts.tolist()} <= roi_routings
 
 
+@pytest.mark.slow
 def test_analyze_routing_tool_writes_table_metrics_and_readable_figures(trained_run, tmp_path, capsys):
     out = tmp_path / 'routing'
     main = runpy.run_path(str(REPO_ROOT / 'tools' / 'analyze_routing.py'))['main']
@@ -96,6 +99,7 @@ def test_analyze_routing_tool_writes_table_metrics_and_readable_figures(trained_
     assert len(list((out / 'examples').glob('*.png'))) == 2
 
 
+@pytest.mark.slow
 def test_statistics_follow_the_logger_interval_given_at_run_time(tmp_path, himoe_data_root):
     """The config leaves the RoI head's stats_period at its default (50); the logger interval
     is set on the command line style (merged cfg) to 2: statistics are logged at step 2."""
@@ -128,6 +132,7 @@ default_hooks = dict(checkpoint=dict(interval=100))
     assert all(m.statistics.steps == 0 for m in runner.model.modules() if hasattr(m, 'statistics'))
 
 
+@pytest.mark.slow
 def test_checkpoints_load_weights_only_without_the_plugin_and_resume_their_buffers(trained_run):
     probe = ('import sys, torch; c = torch.load(sys.argv[1], map_location="cpu"); '
              'print(sorted(c), "himoe_plugin" in sys.modules)')
@@ -146,6 +151,7 @@ def test_checkpoints_load_weights_only_without_the_plugin_and_resume_their_buffe
         assert abs(value - history[:step].mean()) < 1e-4 * max(1.0, value)
 
 
+@pytest.mark.slow
 def test_stock_publish_model_and_test_tool_on_the_published_checkpoint(trained_run, tmp_path, data_root):
     """mmdet's own publish_model.py, run as it is (the plugin is not imported), then mmdet's
     test.py on the published file: the same predictions as validation during training."""
@@ -173,6 +179,7 @@ def test_stock_publish_model_and_test_tool_on_the_published_checkpoint(trained_r
         assert torch.equal(t['pred_instances']['labels'], v['pred_instances']['labels'])
 
 
+@pytest.mark.slow
 def test_published_dense_checkpoint_upcycles_into_the_himoe_model(tmp_path, data_root):
     init_default_scope('mmdet')
     torch.manual_seed(0)
@@ -192,6 +199,7 @@ def test_published_dense_checkpoint_upcycles_into_the_himoe_model(tmp_path, data
     assert all(torch.equal(expert, fc0) for expert in head.moe_block.moe.experts.weights[0])
 
 
+@pytest.mark.slow
 def test_get_flops_counts_the_routers_and_reports_active_parameters(data_root):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / 'tools' / 'mmdet' / 'run_tool.py'), 'analysis_tools/get_flops.py',
@@ -276,6 +284,7 @@ def test_detr_routing_analysis_follows_the_queries_of_the_predictions(himoe_data
     assert summary['instances'] == 20 and summary['level_expert']['rows'] == []
 
 
+@pytest.mark.slow
 def test_demo_command_draws_routed_predictions_with_det_inferencer(trained_run, data_root, tmp_path):
     image = sorted((data_root / 'aquarium/images/valid').glob('*.jpg'))[0]
     main = runpy.run_path(str(REPO_ROOT / 'tools' / 'demo_routing.py'))['main']
