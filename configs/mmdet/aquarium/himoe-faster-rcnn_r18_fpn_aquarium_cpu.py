@@ -3,7 +3,8 @@
 # scene router keeps 2 groups per image and every RoI goes to 2 of their 4 experts.
 # Super-class supervision of the scene router (off here) needs:
 #   model.roi_head.bbox_head.loss_scene=dict(type='SceneSupervisionLoss', loss_weight=0.1)
-#   custom_hooks=[..., dict(type='SceneSupervisionHook')]
+#   custom_hooks=[dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook'),
+#                 dict(type='SceneSupervisionHook')]   (a list replaces the inherited one)
 _base_ = ['./faster-rcnn_r18_fpn_aquarium_cpu.py', '../_base_/himoe_runtime.py']
 
 model = dict(
