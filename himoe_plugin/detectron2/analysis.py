@@ -3,6 +3,7 @@ a registered dataset and hand every image's ground truth and routed RoIs to
 ``himoe_plugin.analysis``; draw predictions coloured by expert with Detectron2's ``Visualizer``."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -22,9 +23,12 @@ from ..analysis.capture import RoutingCapture, layer_infos
 def require_registered_dataset(dataset_name: str, option: str = "--dataset") -> str:
     """``dataset_name``, or KeyError naming ``option`` and the registered datasets if it is not
     in Detectron2's ``DatasetCatalog`` (checked before any model is built)."""
-    if dataset_name not in DatasetCatalog.list():
-        raise KeyError(f"{option} {dataset_name!r} is not a registered dataset; registered: "
-                       f"{', '.join(sorted(DatasetCatalog.list()))} (register more with --register NAME JSON IMAGE_DIR)")
+    registered = DatasetCatalog.list()
+    if dataset_name not in registered:
+        close = difflib.get_close_matches(dataset_name, registered, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KeyError(f"{option} {dataset_name!r} is not a registered dataset ({hint}{len(registered)} are "
+                       "registered; add a COCO-format one with --register NAME JSON IMAGE_DIR)")
     return dataset_name
 
 
