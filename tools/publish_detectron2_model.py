@@ -15,6 +15,7 @@ itself is refused even then).
 """
 import argparse
 import hashlib
+import io
 import os
 import sys
 import tempfile
@@ -52,23 +53,20 @@ def publish(in_file: Path, out_file: Path, overwrite: bool = False) -> Path:
         checkpoint = torch.load(in_file, map_location="cpu", weights_only=True)
     model = checkpoint["model"] if "model" in checkpoint else checkpoint
     model = {name: torch.as_tensor(value) if isinstance(value, np.ndarray) else value for name, value in model.items()}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    # Written next to the output under a temporary name, so nothing existing is touched before
-    # the final name (which depends on the content) is known and checked.
-    handle, temporary = tempfile.mkstemp(suffix=out_file.suffix, prefix=f".{out_file.stem}-", dir=out_file.parent)
-    os.close(handle)
-    temporary = Path(temporary)
-    try:
-        torch.save({"model": model, "__author__": "himoe-plugin"}, temporary)
-        digest = hashlib.sha256(temporary.read_bytes()).hexdigest()[:8]
-        final = out_file.with_name(f"{out_file.stem}-{digest}{out_file.suffix}")
-        if _same_file(in_file, final):
-            raise PublishError(f"the published name {final} is the input checkpoint; choose another output name")
-        if final.exists() and not overwrite:
-            raise PublishError(f"{final} exists: pass --overwrite to replace it, or choose another name")
-        temporary.replace(final)
-    finally:
-        temporary.unlink(missing_ok=True)
+    buffer = io.BytesIO()  # in memory: the archive (and so the hash) does not depend on a file name
+    torch.save({"model": model, "__author__": "himoe-plugin"}, buffer)
+    content = buffer.getvalue()
+    final = out_file.with_name(f"{out_file.stem}-{hashlib.sha256(content).hexdigest()[:8]}{out_file.suffix}")
+    if _same_file(in_file, final):
+        raise PublishError(f"the published name {final} is the input checkpoint; choose another output name")
+    if final.exists() and not overwrite:
+        raise PublishError(f"{final} exists: pass --overwrite to replace it, or choose another name")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name next to it, then renamed: no half-written file under the name.
+    handle, temporary = tempfile.mkstemp(suffix=final.suffix, prefix=f".{final.stem}-", dir=final.parent)
+    with os.fdopen(handle, "wb") as f:
+        f.write(content)
+    os.replace(temporary, final)
     return final
 
 

@@ -114,14 +114,15 @@ def draw_routed_predictions(sample: dict, instances: Instances, dataset_name: st
     legend of the expert colours; an image without such predictions says so on a band at the
     bottom. Writes ``path``; returns the number of boxes drawn. ``instances`` need
     ``pred_experts`` / ``pred_expert_weights`` (ROI heads with ``output_routing``)."""
-    if not instances.has("pred_experts"):
+    if len(instances) and not instances.has("pred_experts"):
         raise ValueError("the predictions carry no routing (pred_experts): the ROI heads need "
                          "MODEL.HIMOE.OUTPUT_ROUTING (InstanceMoEROIHead, InstanceMoECascadeROIHeads)")
     keep = instances[instances.scores >= score_thresh]
     keep = keep[keep.scores.argsort(descending=True)[:max_boxes]]
     metadata = MetadataCatalog.get(dataset_name)
     colors = expert_colors(num_experts)
-    experts, weights = keep.pred_experts[:, 0].tolist(), keep.pred_expert_weights[:, 0].tolist()
+    experts, weights = ((keep.pred_experts[:, 0].tolist(), keep.pred_expert_weights[:, 0].tolist()) if len(keep)
+                        else ([], []))
     labels = [routed_box_label(metadata.thing_classes[c], e, w)
               for c, e, w in zip(keep.pred_classes.tolist(), experts, weights)]
     visualizer = Visualizer(read_image(sample["file_name"], format="RGB"), metadata)

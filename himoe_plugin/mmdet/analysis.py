@@ -180,13 +180,13 @@ def draw_routed_predictions(sample: DetDataSample, class_names: Sequence[str], n
     bottom. Writes ``path``; returns the number of boxes drawn. The predictions need ``experts``
     / ``expert_weights`` (``output_routing`` on)."""
     all_pred = sample.pred_instances.cpu()
-    if 'experts' not in all_pred:
+    if len(all_pred) and 'experts' not in all_pred:
         raise ValueError('the predictions carry no routing (experts): set test_cfg.rcnn.output_routing=True '
                          '(RoI heads) or test_cfg.output_routing=True (DETR family)')
     pred = all_pred[all_pred.scores >= score_thresh]
     pred = pred[pred.scores.argsort(descending=True)[:max_boxes]]
     colors = [tuple(int(255 * c) for c in rgb) for rgb in expert_colors(num_experts)]
-    experts, weights = pred.experts[:, 0].tolist(), pred.expert_weights[:, 0].tolist()
+    experts, weights = (pred.experts[:, 0].tolist(), pred.expert_weights[:, 0].tolist()) if len(pred) else ([], [])
     visualizer = DetLocalVisualizer(name=f'himoe_routing_{path.stem}')
     visualizer.set_image(mmcv.imread(sample.img_path, channel_order='rgb'))
     if len(pred):

@@ -137,6 +137,8 @@ def test_console_printer_shows_a_compact_routing_line_when_statistics_are_new():
     handler = logging.Handler()
     handler.emit = records.append
     printer.logger.addHandler(handler)
+    level = printer.logger.level
+    printer.logger.setLevel(logging.INFO)  # as setup_logger() does; the test must not depend on order
     try:
         with EventStorage(start_iter=19) as storage:
             storage.put_scalars(total_loss=1.0, loss_cls=1.0, **{
@@ -148,6 +150,7 @@ def test_console_printer_shows_a_compact_routing_line_when_statistics_are_new():
             printer.write()
     finally:
         printer.logger.removeHandler(handler)
+        printer.logger.setLevel(level)
     lines = [r.getMessage() for r in records]
     assert lines.count("himoe: load max 0.750 min 0.250  routing_entropy 0.500  dropped_fraction 0.000") == 1
     assert sum("loss_cls" in line for line in lines) == 2
