@@ -57,10 +57,11 @@ def draw_expert_legend(image: np.ndarray, num_experts: int, used: Sequence[int] 
                        outline=(0, 0, 0), width=2 if expert in used else 1)
         draw.text((x + size + 6, top), f"expert {expert}", fill=(0, 0, 0), font=font)
     if note:
-        band = size + 10
+        _, text_top, _, text_bottom = draw.textbbox((0, 0), note, font=font)
+        band = text_bottom - text_top + 12  # 6 pixels of black above and below the text
         height = picture.size[1]
         draw.rectangle([0, height - band, picture.size[0], height], fill=(0, 0, 0))
-        draw.text((6, height - band + 4), note, fill=(255, 255, 255), font=font)
+        draw.text((6, height - band + 6 - text_top), note, fill=(255, 255, 255), font=font)
     return np.asarray(picture)
 
 
