@@ -23,3 +23,14 @@ def bundled_data_root() -> Path:
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     return bundled_data_root()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Deselect ``cuda`` tests unless the ``-m`` expression names that marker (run_checks.sh)."""
+    if "cuda" in (config.option.markexpr or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("cuda") is None]
+    deselected = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept

@@ -21,21 +21,25 @@ and prints the specialization metrics (mutual information between class / size /
 expert, per-expert class entropy). The Detectron2 datasets aquarium_train/valid and coco128_train
 are registered from --data-root (default $HIMOE_DATA_ROOT or ../shared/data); --register NAME JSON
 IMAGE_DIR adds any COCO-format dataset.
+
+Works for every HI-MoE family: standard and cascade ROI heads (Detectron2, MMDetection) and DETR
+(MMDetection). Dense models and unregistered datasets fail with a clear message before the
+checkpoint is loaded; example images without a prediction above --vis-score-thresh say so.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from tqdm import tqdm
 
 from himoe_plugin.analysis import RoutingAnalysis, format_metrics
-from himoe_plugin.core.analysis import count_parameters
+from himoe_plugin.analysis.capture import NoMoELayersError, require_moe_layers
+from himoe_plugin.core import MoEConfigError, count_parameters
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,42 +64,46 @@ def finish(analysis: RoutingAnalysis, model: torch.nn.Module, args) -> Dict[str,
     return paths
 
 
+def report_drawn(path: Path, drawn: int, score_thresh: float) -> None:
+    """Say which example image has no prediction drawn (it says so on the image too)."""
+    if drawn == 0:
+        print(f"{path}: no prediction with score >= {score_thresh} (see the note on the image)")
+
+
 def run_detectron2(args) -> Dict[str, Path]:
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import build_detection_test_loader
     from detectron2.modeling import build_model
 
-    from himoe_plugin.detectron2 import get_himoe_cfg, register_bundled_datasets, register_coco_dataset
+    from himoe_plugin.detectron2 import SafeDetectionCheckpointer
     from himoe_plugin.detectron2.analysis import (dataset_truths, draw_routed_predictions, new_analysis,
-                                                  routed_images)
-    from himoe_plugin.detectron2.data import default_data_root
+                                                  require_registered_dataset, routed_images)
+    from himoe_plugin.detectron2.config import load_tool_cfg
+    from himoe_plugin.detectron2.data import register_datasets_from_args
 
-    data_root = args.data_root or default_data_root()
-    if args.data_root or os.path.isdir(data_root):
-        register_bundled_datasets(str(data_root))
-    for name, json_file, image_root in args.register or []:
-        register_coco_dataset(name, json_file, image_root)
-    cfg = get_himoe_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    register_datasets_from_args(args)
+    cfg = load_tool_cfg(args.config_file, args.opts)
+    dataset = require_registered_dataset(args.dataset or cfg.DATASETS.TEST[0],
+                                         "--dataset" if args.dataset else "DATASETS.TEST[0]")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    require_moe_layers(model, args.config_file)
+    if args.vis_images and not hasattr(model.roi_heads, "output_routing"):
+        sys.exit(f"analyze_routing.py: error: the example images show the routing of the predictions, which "
+                 f"{type(model.roi_heads).__name__} does not output (MODEL.HIMOE.OUTPUT_ROUTING): pass --vis-images 0")
+    SafeDetectionCheckpointer(model).load(args.weights)
     analysis = new_analysis(model, dataset)
     truths = dataset_truths(dataset)
     examples = args.output_dir / "examples"
     examples.mkdir(parents=True, exist_ok=True)
+    num_experts = max(info.num_experts for info in analysis.layers.values())
     total = len(truths) if args.max_images is None else min(len(truths), args.max_images)
     images = routed_images(model, build_detection_test_loader(cfg, dataset), args.max_images)
     for index, (sample, instances, routed) in enumerate(tqdm(images, total=total, desc="routing analysis")):
         analysis.add_image(truths[sample["image_id"]], routed)
         if index < args.vis_images:
-            draw_routed_predictions(sample, instances, dataset, model.roi_heads.box_head.moe_config.num_experts,
-                                    examples / f"{Path(sample['file_name']).stem}.png",
-                                    args.vis_max_boxes, args.vis_score_thresh)
+            path = examples / f"{Path(sample['file_name']).stem}.png"
+            report_drawn(path, draw_routed_predictions(sample, instances, dataset, num_experts, path,
+                                                       args.vis_max_boxes, args.vis_score_thresh),
+                         args.vis_score_thresh)
     return finish(analysis, model, args)
 
 
@@ -116,6 +124,7 @@ def run_mmdet(args) -> Dict[str, Path]:
     init_default_scope(cfg.get("default_scope", "mmdet"))
     cfg.test_dataloader.update(batch_size=1, num_workers=0, persistent_workers=False)
     model = MODELS.build(cfg.model)
+    require_moe_layers(model, args.config)
     load_checkpoint(model, args.checkpoint, map_location="cpu")
     if torch.cuda.is_available():
         model = model.cuda()
@@ -125,15 +134,15 @@ def run_mmdet(args) -> Dict[str, Path]:
     classes = loader.dataset.metainfo["classes"]
     examples = args.output_dir / "examples"
     examples.mkdir(parents=True, exist_ok=True)
+    num_experts = max(info.num_experts for info in analysis.layers.values())
     total = len(truths) if args.max_images is None else min(len(truths), args.max_images)
     for index, (sample, routed) in enumerate(tqdm(routed_images(model, loader, args.max_images), total=total,
                                                   desc="routing analysis")):
         analysis.add_image(truths[sample.img_id], routed)
         if index < args.vis_images:
-            num_experts = next(iter(analysis.layers.values())).num_experts
-            draw_routed_predictions(sample, classes, num_experts,
-                                    examples / f"{Path(sample.img_path).stem}.png",
-                                    args.vis_max_boxes, args.vis_score_thresh)
+            path = examples / f"{Path(sample.img_path).stem}.png"
+            report_drawn(path, draw_routed_predictions(sample, classes, num_experts, path, args.vis_max_boxes,
+                                                       args.vis_score_thresh), args.vis_score_thresh)
     return finish(analysis, model, args)
 
 
@@ -157,9 +166,13 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> Dict[str, Path]:
+def main(argv: Optional[list] = None) -> Dict[str, Path]:
     args = argument_parser().parse_args(argv)
-    return run_detectron2(args) if args.framework == "detectron2" else run_mmdet(args)
+    try:
+        return run_detectron2(args) if args.framework == "detectron2" else run_mmdet(args)
+    except (NoMoELayersError, MoEConfigError, KeyError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.exit(f"analyze_routing.py: error: {message}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,7 @@
 # The two fc layers of the box head become 8 experts in 4 groups of 2; the scene router keeps
 # 2 groups (4 experts) per image and each RoI uses its top 2 of them; routing losses are added to the loss dict, routing statistics
 # are logged as himoe/* whenever the logger logs (RoutingStatisticsHook).
-_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+_base_ = ['mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', './_base_/himoe_runtime.py']
 
 model = dict(
     roi_head=dict(
@@ -24,6 +22,6 @@ model = dict(
                 type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
             loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))
 
-# Routing statistics (train/himoe/*) whenever the logger logs (its interval read at run time);
-# checkpoints that torch.load(weights_only=True) and mmdet's publish_model.py read as they are.
-custom_hooks = [dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook')]
+# The console shows the routing statistics as one compact `himoe:` line; every value goes to
+# the scalars file (see _base_/himoe_runtime.py; a base cannot set it next to the stock runtime).
+log_processor = dict(type='HIMoELogProcessor')

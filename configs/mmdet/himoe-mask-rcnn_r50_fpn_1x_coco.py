@@ -1,8 +1,6 @@
 # HI-MoE Mask R-CNN R50-FPN 1x on COCO: the stock config with the RoI head swapped (the same
 # HI-MoE box head as himoe-faster-rcnn_r50_fpn_1x_coco.py; the mask head is unchanged).
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+_base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', './_base_/himoe_runtime.py']
 
 model = dict(
     roi_head=dict(
@@ -19,3 +17,7 @@ model = dict(
             loss_balance=dict(
                 type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
             loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))
+
+# The console shows the routing statistics as one compact `himoe:` line; every value goes to
+# the scalars file (see _base_/himoe_runtime.py; a base cannot set it next to the stock runtime).
+log_processor = dict(type='HIMoELogProcessor')

@@ -21,6 +21,21 @@ def moe_layers(model: nn.Module) -> Dict[str, MoEBlock]:
     return layers
 
 
+class NoMoELayersError(ValueError):
+    """The model has no HI-MoE layer: there is no routing to analyse or draw."""
+
+
+def require_moe_layers(model: nn.Module, config: str) -> Dict[str, MoEBlock]:
+    """``moe_layers(model)``; ``NoMoELayersError`` naming ``config`` (the config the model was
+    built from) if there are none, e.g. a dense Faster R-CNN or DINO."""
+    layers = moe_layers(model)
+    if not layers:
+        raise NoMoELayersError(
+            f"{config} builds a dense {type(model).__name__} without HI-MoE layers: routing analysis and "
+            "routing pictures need an HI-MoE config (and its checkpoint)")
+    return layers
+
+
 def layer_infos(model: nn.Module) -> Dict[str, LayerInfo]:
     """``LayerInfo`` (experts, scene groups) of every MoE layer of ``model``."""
     return {name: LayerInfo(block.config.num_experts, block.config.groups) for name, block in moe_layers(model).items()}

@@ -1,11 +1,12 @@
 """PNG figures of a routing analysis (matplotlib, Agg): attribute x expert heatmaps and scene-group
-usage per supercategory, one set per MoE layer; plus the expert colours the example images use."""
+usage per supercategory, one set per MoE layer; plus the expert colours, labels and legend of the
+example images."""
 from __future__ import annotations
 
 import colorsys
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,6 +21,48 @@ HEATMAPS = (
 def expert_colors(num_experts: int) -> List[Tuple[float, float, float]]:
     """A distinct, saturated RGB colour (0..1) per expert: hues evenly spaced around the circle."""
     return [colorsys.hsv_to_rgb(e / max(1, num_experts), 0.9, 1.0) for e in range(num_experts)]
+
+
+def routed_box_label(class_name: str, expert: int, weight: float) -> str:
+    """Label of a prediction drawn in its first expert's colour: ``fish | expert 3 (w 0.51)``
+    (``w``: that expert's combine weight, not a confidence)."""
+    return f"{class_name} | expert {expert} (w {weight:.2f})"
+
+
+def no_prediction_note(score_thresh: float, best_score: Optional[float]) -> str:
+    """What an image without drawn predictions says: the threshold and the best score."""
+    best = "no predictions" if best_score is None else f"best score {best_score:.2f}"
+    return f"no prediction with score >= {score_thresh:.2f} ({best})"
+
+
+def draw_expert_legend(image: np.ndarray, num_experts: int, used: Sequence[int] = (),
+                       note: Optional[str] = None) -> np.ndarray:
+    """``image`` (H, W, 3) uint8 RGB with a legend of the expert colours in its top-left corner
+    (experts of drawn boxes in bold frames: ``used``) and, if given, ``note`` on a dark band at
+    the bottom (e.g. ``no_prediction_note``). Returns a new array of the same shape."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    picture = Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    size = max(10, min(picture.size) // 40)
+    font = ImageFont.load_default(size=size)
+    used = set(used)
+    x, y = 4, 4
+    width = int(draw.textlength(f"expert {num_experts - 1}", font=font)) + size + 10
+    draw.rectangle([x - 2, y - 2, x + width + 2, y + num_experts * (size + 4) + 2], fill=(255, 255, 255))
+    for expert, rgb in enumerate(expert_colors(num_experts)):
+        color = tuple(int(255 * c) for c in rgb)
+        top = y + expert * (size + 4)
+        draw.rectangle([x, top, x + size, top + size], fill=color,
+                       outline=(0, 0, 0), width=2 if expert in used else 1)
+        draw.text((x + size + 6, top), f"expert {expert}", fill=(0, 0, 0), font=font)
+    if note:
+        _, text_top, _, text_bottom = draw.textbbox((0, 0), note, font=font)
+        band = text_bottom - text_top + 12  # 6 pixels of black above and below the text
+        height = picture.size[1]
+        draw.rectangle([0, height - band, picture.size[0], height], fill=(0, 0, 0))
+        draw.text((6, height - band + 6 - text_top), note, fill=(255, 255, 255), font=font)
+    return np.asarray(picture)
 
 
 def _heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str,

@@ -103,6 +103,17 @@ class RoutingAnalysis:
                     out[index[row[column]], row[f"expert_{r}"]] += row[f"weight_{r}"]
         return out
 
+    def _instances_per_expert(self, layer: str) -> List[int]:
+        """How many of the layer's instances each expert got (with a non-zero weight)."""
+        counts = [0] * self.layers[layer].num_experts
+        for row in self.table.rows:
+            if row["layer"] != layer:
+                continue
+            for r in range(self.table.top_k):
+                if f"expert_{r}" in row and row[f"weight_{r}"] > 0:
+                    counts[row[f"expert_{r}"]] += 1
+        return counts
+
     def _levels(self, layer: str) -> List[str]:
         levels = {row["level"] for row in self.table.rows if row["layer"] == layer and row["level"]}
         return sorted(levels, key=lambda name: (len(name), name))
@@ -117,7 +128,9 @@ class RoutingAnalysis:
             levels = self._levels(layer)
             level_mass = self._mass(layer, "level", levels)
             foreground = class_mass[:-1]
-            expert_entropy = [entropy_bits(foreground[:, e]) for e in range(info.num_experts)]
+            # None for experts without foreground instances: 0 bits would read as one class only.
+            expert_entropy = [entropy_bits(foreground[:, e]) if foreground[:, e].sum() > 0 else None
+                              for e in range(info.num_experts)]
             top_class = [self.class_names[int(foreground[:, e].argmax())] if foreground[:, e].sum() > 0 else None
                          for e in range(info.num_experts)]
             total = class_mass.sum()
@@ -128,6 +141,7 @@ class RoutingAnalysis:
                 "num_groups": info.num_groups,
                 "instances": sum(1 for row in self.table.rows if row["layer"] == layer),
                 "expert_load": (class_mass.sum(axis=0) / total).tolist() if total > 0 else [],
+                "expert_instances": self._instances_per_expert(layer),
                 "class_expert": {"rows": classes, "mass": class_mass.tolist()},
                 "size_expert": {"rows": list(SIZES), "mass": size_mass.tolist()},
                 "level_expert": {"rows": levels, "mass": level_mass.tolist()},
@@ -170,7 +184,14 @@ def format_metrics(summary: Dict[str, object]) -> str:
                 lines.append(f"  I({name.replace('_expert', '').replace('_with_background', '+bg')}; expert) = "
                              f"{metrics[name]['mi_bits']:.3f} bits (normalised {metrics[name]['nmi']:.3f})")
         load = entry["expert_load"]
+        counts = entry["expert_instances"]
         for e, (bits, top) in enumerate(zip(metrics["expert_class_entropy_bits"], metrics["expert_top_class"])):
-            lines.append(f"  expert {e}: load {load[e] if load else 0:.3f}, class entropy {bits:.2f} / "
-                         f"{metrics['max_class_entropy_bits']:.2f} bits, most frequent class {top}")
+            if counts[e] == 0:
+                lines.append(f"  expert {e}: unused (n=0)")
+            elif top is None:
+                lines.append(f"  expert {e}: load {load[e]:.3f}, n={counts[e]}, background only (no instance "
+                             "matched a ground-truth box)")
+            else:
+                lines.append(f"  expert {e}: load {load[e]:.3f}, n={counts[e]}, class entropy {bits:.2f} / "
+                             f"{metrics['max_class_entropy_bits']:.2f} bits, most frequent class {top}")
     return "\n".join(lines)

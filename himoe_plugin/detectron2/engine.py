@@ -20,7 +20,8 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from ..core import STATS_PREFIX, format_routing_summary
+from ..analysis.console import routing_console_line
+from ..core import STATS_PREFIX
 from .checkpoint import SafeDetectionCheckpointer
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -46,7 +47,8 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
 
 class HIMoEMetricPrinter(CommonMetricPrinter):
     """``CommonMetricPrinter`` plus, whenever the ROI heads wrote new routing statistics, one
-    compact line per MoE layer: expert load max/min, routing entropy, dropped fraction, e.g.
+    compact line (``routing_console_line``: expert load max/min, routing entropy, dropped
+    fraction; over the layers of a cascade, their extremes), e.g.
     ``himoe: load max 0.210 min 0.052  routing_entropy 1.021  dropped_fraction 0.000``.
     (The full ``himoe/*`` statistics go to metrics.json and TensorBoard.)"""
 
@@ -61,7 +63,7 @@ class HIMoEMetricPrinter(CommonMetricPrinter):
             return
         fresh = {name: entry for name, entry in storage.latest().items()
                  if name.startswith(STATS_PREFIX) and entry[1] > self._routing_iter}
-        summary = format_routing_summary({name: value for name, (value, _) in fresh.items()})
+        summary = routing_console_line({name: value for name, (value, _) in fresh.items()})
         if summary:
             self._routing_iter = max(iteration for _, iteration in fresh.values())
             self.logger.info(summary)

@@ -1,11 +1,12 @@
-"""MMDetection side of the routing analysis: run a detector over its test dataloader and hand every
-image's ground truth and routed RoIs to ``himoe_plugin.analysis``; draw predictions coloured by
-expert with mmdet's ``DetLocalVisualizer``."""
+"""MMDetection side of the routing analysis: run a detector (HI-MoE RoI head, cascade RoI head or
+DETR family) over its test dataloader and hand every image's ground truth and routed RoIs /
+queries to ``himoe_plugin.analysis``; draw predictions coloured by expert with mmdet's
+``DetLocalVisualizer``."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import mmcv
 import torch
@@ -13,10 +14,10 @@ from mmdet.structures import DetDataSample
 from mmdet.visualization import DetLocalVisualizer
 from torch import Tensor, nn
 
-from ..analysis import ImageTruth, RoutedInstances, RoutingAnalysis, expert_colors
+from ..analysis import (ImageTruth, RoutedInstances, RoutingAnalysis, draw_expert_legend, expert_colors,
+                        no_prediction_note, routed_box_label)
 from ..analysis.capture import RoutingCapture, layer_infos
-from ..core import MoEConfigError, read_coco_supercategories
-from .detr import HIMoEDetrMixin, MoEFFN
+from ..core import MoEConfigError, Routing, read_coco_supercategories
 
 
 def dataset_truths(dataset) -> Dict[int, ImageTruth]:
@@ -33,7 +34,30 @@ def dataset_truths(dataset) -> Dict[int, ImageTruth]:
     return truths
 
 
-def last_decoder_ffn(model: HIMoEDetrMixin) -> MoEFFN:
+def is_moe_detr(model: nn.Module) -> bool:
+    """Whether ``model`` is an HI-MoE DETR-family detector (its MoE FFNs in ``moe_ffns``)."""
+    return hasattr(model, 'moe_ffns')
+
+
+def output_routing_key(model_cfg: Mapping) -> str:
+    """The config key of the switch that puts the routing into the predictions:
+    ``test_cfg.rcnn.output_routing`` for RoI heads (standard and cascade), else
+    ``test_cfg.output_routing`` (DETR family)."""
+    test_cfg = model_cfg.get('test_cfg') or {}
+    return 'test_cfg.rcnn.output_routing' if 'rcnn' in test_cfg else 'test_cfg.output_routing'
+
+
+def enable_output_routing(model_cfg) -> str:
+    """Turn on, in a model config, the routing in the predictions; returns the key it set."""
+    key = output_routing_key(model_cfg)
+    owner = model_cfg.setdefault('test_cfg', {})
+    if key == 'test_cfg.rcnn.output_routing':
+        owner = owner['rcnn']
+    owner['output_routing'] = True
+    return key
+
+
+def last_decoder_ffn(model: nn.Module) -> nn.Module:
     """The MoE FFN of the last MoE decoder layer of a DETR-family model (whose routing the
     predictions carry)."""
     decoder = [ffn for ffn in model.moe_ffns if ffn.stats_scope.startswith('decoder')]
@@ -53,7 +77,7 @@ def new_analysis(model: nn.Module, dataset) -> RoutingAnalysis:
         except ValueError:
             supercategories = None
     layers = layer_infos(model)
-    if isinstance(model, HIMoEDetrMixin):
+    if is_moe_detr(model):
         layers = {name: info for name, info in layers.items() if name == last_decoder_ffn(model).stats_scope}
     return RoutingAnalysis(dataset.metainfo['classes'], layers, supercategories)
 
@@ -74,14 +98,18 @@ def routed_images(model: nn.Module, data_loader, max_images: Optional[int] = Non
                   ) -> Iterator[Tuple[DetDataSample, List[RoutedInstances]]]:
     """Run ``model`` (eval mode, ``test_cfg.rcnn.output_routing`` on) over ``data_loader``; per
     image yield its data sample (``pred_instances`` with ``experts`` and ``expert_weights``)
-    and the routing of every RoI in every MoE layer, with boxes in original image pixels.
-    DETR-family models: the instances are the predictions (query-class pairs; their boxes), with
-    the routing of their query in the last MoE decoder layer."""
+    and the routing of every RoI in every MoE layer (every stage of a cascade), with boxes in
+    original image pixels. DETR-family models (``test_cfg.output_routing``): the instances are
+    the predictions (query-class pairs; their boxes), with the routing of their query in the
+    last MoE decoder layer."""
     model.eval()
-    if isinstance(model, HIMoEDetrMixin):
+    if is_moe_detr(model):
         yield from _routed_queries(model, data_loader, max_images)
         return
-    roi_head = model.roi_head
+    roi_head = getattr(model, 'roi_head', None)
+    if roi_head is None:
+        raise TypeError(f'routing analysis covers detectors with an HI-MoE RoI head and HI-MoE DETR-family '
+                        f'detectors, got {type(model).__name__}')
     extractors = roi_head.bbox_roi_extractor
     extractors = extractors if isinstance(extractors, nn.ModuleList) else [extractors]
     previous = roi_head.test_cfg.get('output_routing', False)
@@ -111,12 +139,20 @@ def routed_images(model: nn.Module, data_loader, max_images: Optional[int] = Non
         roi_head.test_cfg['output_routing'] = previous
 
 
-def _routed_queries(model: HIMoEDetrMixin, data_loader, max_images: Optional[int]
+def _routing_of_call(args, output) -> Routing:
+    """The ``Routing`` of one MoE FFN call: returned with the outputs, or appended to the token
+    context the FFN was given (its second argument)."""
+    if isinstance(output, tuple) and isinstance(output[-1], Routing):
+        return output[-1]
+    return args[1].routings[-1]
+
+
+def _routed_queries(model: nn.Module, data_loader, max_images: Optional[int]
                     ) -> Iterator[Tuple[DetDataSample, List[RoutedInstances]]]:
     ffn = last_decoder_ffn(model)
     scenes: List[Tensor] = []
-    # MoEFFN appends its Routing to the token context it was given (args[1]).
-    handle = ffn.register_forward_hook(lambda module, args, output: scenes.append(args[1].routings[-1].scene_groups))
+    handle = ffn.register_forward_hook(
+        lambda module, args, output: scenes.append(_routing_of_call(args, output).scene_groups))
     previous = model.test_cfg.get('output_routing', False)
     model.test_cfg['output_routing'] = True
     seen = 0
@@ -137,22 +173,31 @@ def _routed_queries(model: HIMoEDetrMixin, data_loader, max_images: Optional[int
 
 
 def draw_routed_predictions(sample: DetDataSample, class_names: Sequence[str], num_experts: int,
-                            path: Path, max_boxes: int = 20, score_thresh: float = 0.0) -> Path:
-    """Draw the ``max_boxes`` best predictions above ``score_thresh`` on the image, each box in
-    the colour of its first expert, labelled ``<class> e<expert> <weight>``."""
-    pred = sample.pred_instances.cpu()
-    pred = pred[pred.scores >= score_thresh]
+                            path: Path, max_boxes: int = 20, score_thresh: float = 0.0) -> int:
+    """Draw the ``max_boxes`` best predictions with score >= ``score_thresh`` on the image, each
+    box in the colour of its first expert, labelled ``<class> | expert <e> (w <weight>)``, with a
+    legend of the expert colours; an image without such predictions says so on a band at the
+    bottom. Writes ``path``; returns the number of boxes drawn. The predictions need ``experts``
+    / ``expert_weights`` (``output_routing`` on)."""
+    all_pred = sample.pred_instances.cpu()
+    if len(all_pred) and 'experts' not in all_pred:
+        raise ValueError('the predictions carry no routing (experts): set test_cfg.rcnn.output_routing=True '
+                         '(RoI heads) or test_cfg.output_routing=True (DETR family)')
+    pred = all_pred[all_pred.scores >= score_thresh]
     pred = pred[pred.scores.argsort(descending=True)[:max_boxes]]
     colors = [tuple(int(255 * c) for c in rgb) for rgb in expert_colors(num_experts)]
-    experts, weights = pred.experts[:, 0].tolist(), pred.expert_weights[:, 0].tolist()
+    experts, weights = (pred.experts[:, 0].tolist(), pred.expert_weights[:, 0].tolist()) if len(pred) else ([], [])
     visualizer = DetLocalVisualizer(name=f'himoe_routing_{path.stem}')
     visualizer.set_image(mmcv.imread(sample.img_path, channel_order='rgb'))
     if len(pred):
         box_colors = [colors[e] for e in experts]
         visualizer.draw_bboxes(pred.bboxes, edge_colors=box_colors, line_widths=3)
-        labels = [f'{class_names[c]} e{e} {w:.2f}' for c, e, w in zip(pred.labels.tolist(), experts, weights)]
+        labels = [routed_box_label(class_names[c], e, w) for c, e, w in zip(pred.labels.tolist(), experts, weights)]
         visualizer.draw_texts(labels, pred.bboxes[:, :2], colors='black', font_sizes=12,
                               bboxes=[dict(facecolor=tuple(v / 255 for v in c), alpha=0.8, pad=0.7,
                                            edgecolor='none') for c in box_colors])
-    mmcv.imwrite(visualizer.get_image()[..., ::-1], str(path))
-    return path
+    best = float(all_pred.scores.max()) if len(all_pred) else None
+    note = None if len(pred) else no_prediction_note(score_thresh, best)
+    drawn = draw_expert_legend(visualizer.get_image(), num_experts, experts, note)
+    mmcv.imwrite(drawn[..., ::-1], str(path))
+    return len(pred)

@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from d2_helpers import HIMOE_YAML, REPO_ROOT, small_cfg
 from detectron2.modeling import build_model
 
@@ -20,6 +21,7 @@ def test_active_parameters_leave_out_the_experts_a_roi_is_not_sent_to(registered
     assert count.active == count.total - 7 * EXPERT_PARAMS  # top-1 of 8 experts
 
 
+@pytest.mark.slow
 def test_analyze_model_tool_reports_parameters_flops_and_structure(registered, tmp_path, data_root):
     command = [
         sys.executable, str(REPO_ROOT / "tools" / "analyze_model.py"),

@@ -21,6 +21,7 @@ STAGES = ("stage0", "stage1", "stage2")
 ROUTING_LOSSES = ("loss_moe_balance", "loss_moe_scene_balance", "loss_moe_z")
 
 
+@pytest.mark.slow
 def test_train_net_trains_and_evaluates_all_three_stages(registered, data_root, tmp_path):
     """The stock Cascade Mask R-CNN yaml edited per the docs, through tools/train_net.py."""
     command = [

@@ -53,6 +53,7 @@ def test_crafted_pkl_is_refused_and_runs_nothing(tmp_path, protocol, checkpointe
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_stock_lazyconfig_tool_refuses_a_crafted_init_checkpoint(tmp_path, data_root):
     """Detectron2's own lazyconfig_train_net.py: the LazyConfig imports the plugin, which patches
     the checkpointer before ``train.init_checkpoint`` is read."""
@@ -130,6 +131,7 @@ def test_name_matched_and_caffe2_pkls_load(tmp_path):
     assert_loaded(model, weights)
 
 
+@pytest.mark.slow
 def test_publish_tool_turns_a_model_zoo_pkl_into_a_weights_only_pth(tmp_path):
     weights = numpy_state(TinyNet())
     path = tmp_path / "zoo.pkl"

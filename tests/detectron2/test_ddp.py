@@ -1,4 +1,5 @@
 """Two CPU processes (gloo) through the plugin's launcher and trainer: global routing."""
+import pytest
 import torch
 from d2_helpers import VALID_SLICE, small_cfg
 from detectron2.utils import comm
@@ -38,6 +39,7 @@ def ddp_main(output_dir, data_root, slice_json):
     )
 
 
+@pytest.mark.slow
 def test_two_process_cpu_training_has_global_routing(registered, data_root, tmp_path):
     launch(ddp_main, 2, args=(str(tmp_path), str(data_root), str(registered["valid_slice_json"])))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from d2_helpers import CONFIGS, LAZYCONFIG_TOOL
 
 
+@pytest.mark.slow
 def test_stock_lazyconfig_train_net_runs_himoe(data_root, tmp_path):
     assert LAZYCONFIG_TOOL.is_file(), f"{LAZYCONFIG_TOOL} missing: tools/env/setup_env.sh installs it"
     command = [

@@ -1,6 +1,7 @@
 """Publishing Detectron2 checkpoints for a model zoo: the published file evaluates with Detectron2's
 stock LazyConfig tool, and a published dense checkpoint upcycles into an HI-MoE model."""
 import math
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,55 @@ def publish(checkpoint: Path, out: Path) -> Path:
     return published
 
 
+def training_checkpoint(path: Path) -> Path:
+    torch.save({"model": {"roi_heads.box_head.fc1.weight": torch.randn(4, 3)}, "optimizer": {"state": {}},
+                "scheduler": {"last_epoch": 5}, "iteration": 5}, path)
+    return path
+
+
+def test_publishing_a_checkpoint_onto_itself_is_refused_and_keeps_it(tmp_path, capsys):
+    """Before: exit 0, and the training checkpoint (optimizer, scheduler, iteration) was gone."""
+    checkpoint = training_checkpoint(tmp_path / "model_final.pth")
+    before = checkpoint.read_bytes()
+    main = runpy.run_path(str(REPO_ROOT / "tools" / "publish_detectron2_model.py"))["main"]
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(checkpoint), str(checkpoint), *extra])
+        assert exit_info.value.code == 2
+        assert "is the input checkpoint" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pth"]  # nothing else written
+
+
+def test_an_existing_output_is_refused_unless_overwrite_is_asked(tmp_path, capsys):
+    checkpoint = training_checkpoint(tmp_path / "model_final.pth")
+    existing = tmp_path / "published.pth"
+    existing.write_bytes(b"someone's file")
+    main = runpy.run_path(str(REPO_ROOT / "tools" / "publish_detectron2_model.py"))["main"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), str(existing)])
+    assert exit_info.value.code == 2 and "exists: pass --overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"someone's file"
+    published = main([str(checkpoint), str(existing), "--overwrite"])
+    assert published.name.startswith("published-") and published.is_file()
+    assert set(torch.load(published, map_location="cpu")) == {"model", "__author__"}
+    # The hashed name exists now: publishing again is refused, then allowed with --overwrite.
+    existing.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), str(existing)])
+    assert f"{published} exists" in capsys.readouterr().err
+    assert main([str(checkpoint), str(existing), "--overwrite"]) == published
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["model_final.pth", published.name]
+    assert torch.load(checkpoint, map_location="cpu")["iteration"] == 5
+
+
 def copypaste_metrics(log: str):
     header = "copypaste: AP,AP50,AP75,APs,APm,APl"
     values = log.split(header)[1].splitlines()[1].split("copypaste:")[1].strip().split(",")
     return dict(zip(["AP", "AP50", "AP75"], (float(v) for v in values)))
 
 
+@pytest.mark.slow
 def test_published_checkpoint_evaluates_with_the_stock_lazyconfig_tool(himoe_checkpoint, registered, data_root,
                                                                        tmp_path):
     """lazyconfig_train_net.py --eval-only, unchanged, with the LazyConfig twin of the yaml the
@@ -69,6 +113,7 @@ dataloader.test.num_workers = 0
             assert value == pytest.approx(expected[name], abs=1e-3), name
 
 
+@pytest.mark.slow
 def test_published_dense_checkpoint_upcycles_into_the_himoe_model(registered, tmp_path):
     torch.manual_seed(0)
     dense = build_model(small_cfg(tmp_path, yaml=DENSE_YAML))

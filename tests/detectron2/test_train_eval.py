@@ -87,6 +87,7 @@ def test_inference_outputs_are_stock_instances(trained, registered):
     assert instances.pred_classes.max() < 7
 
 
+@pytest.mark.slow
 def test_resume_restores_iteration_optimizer_and_router(trained, tmp_path):
     saved_path = trained["output_dir"] / "model_0000001.pth"
     saved = torch.load(saved_path, map_location="cpu")
@@ -117,6 +118,7 @@ def test_resume_restores_iteration_optimizer_and_router(trained, tmp_path):
     assert [r["iteration"] for r in read_metrics(tmp_path) if "total_loss" in r] == [3]
 
 
+@pytest.mark.slow
 def test_eval_only_entry_point_matches_in_process_evaluation(trained, registered, data_root):
     """tools/train_net.py --eval-only on the trained checkpoint, in a fresh process."""
     output_dir = trained["output_dir"]
@@ -144,6 +146,7 @@ def test_eval_only_entry_point_matches_in_process_evaluation(trained, registered
             assert float(value) == pytest.approx(expected[name], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_published_checkpoint_holds_only_the_weights_and_loads(trained, tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model

@@ -92,6 +92,8 @@ def without_roi_head(cfg: Config) -> dict:
     settings['model'].pop('roi_head')
     settings.pop('custom_imports', None)
     settings.pop('custom_hooks', None)  # the plugin's hooks (statistics, weights-only checkpoints)
+    if settings.get('log_processor', {}).get('type') == 'HIMoELogProcessor':  # compact console line
+        settings['log_processor']['type'] = 'LogProcessor'
     return settings
 
 

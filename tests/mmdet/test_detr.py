@@ -337,6 +337,7 @@ model = dict(type={moe_type!r}, moe=dict(
 
 # ---------------------------------------------------------------- stock tools
 
+@pytest.mark.slow
 def test_stock_train_and_test_tools_train_and_evaluate_himoe_dino(tmp_path, data_root, valid_slice):
     """mmdet's own tools/train.py and tools/test.py (through tools/mmdet/run_tool.py) train the
     CPU-sized HI-MoE DINO for 2 iterations and evaluate it with CocoMetric."""
@@ -372,6 +373,7 @@ model = dict(moe=dict(stats_period=1))
     assert 'coco/bbox_mAP:' in test.stdout + test.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_share_global_routing_losses(tmp_path, data_root, valid_slice):
     """tools/mmdet/dist_train.sh on 2 gloo processes (no find_unused_parameters): HI-MoE DINO
     trains 2 iterations; the routing losses and statistics of every MoE layer are global

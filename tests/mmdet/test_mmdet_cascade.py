@@ -37,6 +37,7 @@ def load(options=None) -> Config:
     return load_config(CASCADE_CONFIG, options)
 
 
+@pytest.mark.slow
 def test_stock_train_tool_trains_and_evaluates_all_three_stages(tmp_path, himoe_data_root, valid_slice):
     config = write_config(tmp_path / 'cascade_cfg.py', CASCADE_CONFIG, f"""
 train_cfg = dict(max_iters=2, val_interval=2)

@@ -4,6 +4,7 @@ import json
 import pickle
 
 import numpy as np
+import pytest
 import torch
 from mmdet.registry import MODELS
 from mmdet_helpers import (REPO_ROOT, mmdet_stock_config, without_roi_head, without_scope,
@@ -19,6 +20,7 @@ COCO_MASK_CONFIG = REPO_ROOT / 'configs/mmdet/himoe-mask-rcnn_r50_fpn_1x_coco.py
 ITERS = 3
 
 
+@pytest.mark.slow
 def test_mask_rcnn_trains_and_evaluates_boxes_and_masks(tmp_path, himoe_data_root):
     coco = json.loads((himoe_data_root / 'coco128/annotations/instances_train.json').read_text())
     coco['images'] = coco['images'][:8]

@@ -258,6 +258,7 @@ def test_checkpoint_getattr_stand_in_only_returns_history_buffer_methods():
             history_buffer_method(owner, name)
 
 
+@pytest.mark.slow
 def test_import_without_mmdet_names_the_missing_package():
     code = ("import sys; sys.modules['mmdet'] = None\n"
             "try:\n    import himoe_plugin.mmdet\n"

@@ -9,16 +9,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.image
 import numpy as np
+import pytest
 import torch
-from mmdet.registry import MODELS
+from mmdet.registry import LOG_PROCESSORS, MODELS
 from mmdet_helpers import (CONFIG_DIR, DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_tools_dir, subprocess_env,
                            write_config)
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
-from mmengine.logging import HistoryBuffer
+from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner, load_checkpoint
 
@@ -27,6 +29,26 @@ from himoe_plugin.mmdet import WeightsOnlyCheckpointHook
 from himoe_plugin.mmdet.analysis import routed_images
 
 NUM_EXPERTS, EXPERTS_PER_GROUP = 6, 2  # the Aquarium HI-MoE config: 6 experts in 3 groups
+CASCADE_CONFIG = CONFIG_DIR / 'himoe-cascade-rcnn_r18_fpn_aquarium_cpu.py'
+DINO_CONFIG = CONFIG_DIR / 'himoe-dino-4scale_r18_aquarium_cpu.py'
+DENSE_DINO_CONFIG = CONFIG_DIR / 'dino-4scale_r18_aquarium_cpu.py'
+
+
+def tool(name: str):
+    return runpy.run_path(str(REPO_ROOT / 'tools' / f'{name}.py'))['main']
+
+
+def random_init_checkpoint(config: Path, path: Path) -> Path:
+    """A checkpoint of ``config``'s model at its seeded random init, with the dataset's classes
+    in its meta (as a trained one has them)."""
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(str(config))
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    classes = cfg.test_dataloader.dataset.metainfo['classes']
+    torch.save({'meta': {'dataset_meta': {'classes': classes}}, 'state_dict': model.state_dict()}, path)
+    return path
 
 
 def trained_model(config, checkpoint):
@@ -47,6 +69,7 @@ def wait_for_published(folder: Path, stem: str) -> Path:
     raise AssertionError(f'no {stem}-<sha>.pth in {folder}')
 
 
+@pytest.mark.slow
 def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(trained_run):
     model, cfg = trained_model(trained_run.config, trained_run.checkpoint)
     cfg.test_dataloader.update(batch_size=2, num_workers=0)
@@ -73,6 +96,7 @@ def test_routing_in_predictions_is_opt_in_and_leaves_the_predictions_unchanged(t
         assert {tuple(row) for row in pred.experts.tolist()} <= roi_routings
 
 
+@pytest.mark.slow
 def test_analyze_routing_tool_writes_table_metrics_and_readable_figures(trained_run, tmp_path, capsys):
     out = tmp_path / 'routing'
     main = runpy.run_path(str(REPO_ROOT / 'tools' / 'analyze_routing.py'))['main']
@@ -96,6 +120,7 @@ def test_analyze_routing_tool_writes_table_metrics_and_readable_figures(trained_
     assert len(list((out / 'examples').glob('*.png'))) == 2
 
 
+@pytest.mark.slow
 def test_statistics_follow_the_logger_interval_given_at_run_time(tmp_path, himoe_data_root):
     """The config leaves the RoI head's stats_period at its default (50); the logger interval
     is set on the command line style (merged cfg) to 2: statistics are logged at step 2."""
@@ -121,13 +146,16 @@ default_hooks = dict(checkpoint=dict(interval=100))
     assert hub.get_scalar('train/himoe/load_max').current() == max(latest)
     assert hub.get_scalar('train/himoe/load_min').current() == min(latest)
     log = next(Path(runner.log_dir).glob('*.log')).read_text()
-    line = next(line for line in log.splitlines() if 'Iter(train) [2/2]' in line)
-    assert f'himoe/load_max: {max(latest):.4f}' in line
+    lines = log.splitlines()
+    index = next(i for i, line in enumerate(lines) if 'Iter(train) [2/2]' in line)
+    assert 'loss_cls: ' in lines[index] and 'himoe/' not in lines[index]  # the losses stay readable
+    assert lines[index + 1].startswith(f'himoe: load max {max(latest):.3f} min {min(latest):.3f}  routing_entropy ')
     assert 'Iter(train) [1/2]' not in log
     # The means cover both iterations: the meters were read once, by the hook.
     assert all(m.statistics.steps == 0 for m in runner.model.modules() if hasattr(m, 'statistics'))
 
 
+@pytest.mark.slow
 def test_checkpoints_load_weights_only_without_the_plugin_and_resume_their_buffers(trained_run):
     probe = ('import sys, torch; c = torch.load(sys.argv[1], map_location="cpu"); '
              'print(sorted(c), "himoe_plugin" in sys.modules)')
@@ -146,6 +174,7 @@ def test_checkpoints_load_weights_only_without_the_plugin_and_resume_their_buffe
         assert abs(value - history[:step].mean()) < 1e-4 * max(1.0, value)
 
 
+@pytest.mark.slow
 def test_stock_publish_model_and_test_tool_on_the_published_checkpoint(trained_run, tmp_path, data_root):
     """mmdet's own publish_model.py, run as it is (the plugin is not imported), then mmdet's
     test.py on the published file: the same predictions as validation during training."""
@@ -173,6 +202,7 @@ def test_stock_publish_model_and_test_tool_on_the_published_checkpoint(trained_r
         assert torch.equal(t['pred_instances']['labels'], v['pred_instances']['labels'])
 
 
+@pytest.mark.slow
 def test_published_dense_checkpoint_upcycles_into_the_himoe_model(tmp_path, data_root):
     init_default_scope('mmdet')
     torch.manual_seed(0)
@@ -192,6 +222,7 @@ def test_published_dense_checkpoint_upcycles_into_the_himoe_model(tmp_path, data
     assert all(torch.equal(expert, fc0) for expert in head.moe_block.moe.experts.weights[0])
 
 
+@pytest.mark.slow
 def test_get_flops_counts_the_routers_and_reports_active_parameters(data_root):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / 'tools' / 'mmdet' / 'run_tool.py'), 'analysis_tools/get_flops.py',
@@ -276,6 +307,7 @@ def test_detr_routing_analysis_follows_the_queries_of_the_predictions(himoe_data
     assert summary['instances'] == 20 and summary['level_expert']['rows'] == []
 
 
+@pytest.mark.slow
 def test_demo_command_draws_routed_predictions_with_det_inferencer(trained_run, data_root, tmp_path):
     image = sorted((data_root / 'aquarium/images/valid').glob('*.jpg'))[0]
     main = runpy.run_path(str(REPO_ROOT / 'tools' / 'demo_routing.py'))['main']
@@ -284,3 +316,103 @@ def test_demo_command_draws_routed_predictions_with_det_inferencer(trained_run, 
     drawn, original = matplotlib.image.imread(written), matplotlib.image.imread(image)
     assert drawn.shape[:2] == original.shape[:2]
     assert abs(drawn[..., :3].astype(float) * 255 - original[..., :3].astype(float)).mean() > 0.5
+
+
+def test_analyze_routing_refuses_dense_models_before_loading_weights(tmp_path):
+    """Before: AttributeError / StopIteration, or with --vis-images 0 an empty analysis (exit 0)."""
+    never_read = tmp_path / 'never_read.pth'  # loading it would fail differently
+    for config in (DENSE_CONFIG, DENSE_DINO_CONFIG):
+        with pytest.raises(SystemExit) as exit_info:
+            tool('analyze_routing')(['mmdet', str(config), str(never_read), '--output-dir', str(tmp_path / 'out'),
+                                     '--vis-images', '0'])
+        assert f'{config} builds a dense' in str(exit_info.value.code)
+        assert 'without HI-MoE layers' in str(exit_info.value.code)
+        with pytest.raises(SystemExit) as exit_info:
+            tool('demo_routing')(['mmdet', str(config), str(never_read), '--input', 'unused.jpg', '--output-dir',
+                                  str(tmp_path / 'demo'), '--device', 'cpu'])
+        assert 'without HI-MoE layers' in str(exit_info.value.code)
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_analyze_routing_on_a_cascade_records_the_rois_of_every_stage(tmp_path):
+    """Every stage routes the boxes it pools (stage 0 the proposals, later stages refined boxes)
+    with its own experts inside the image's scene subset; the predictions of the last stage carry
+    the routing the example image draws."""
+    checkpoint = random_init_checkpoint(CASCADE_CONFIG, tmp_path / 'cascade_init.pth')
+    out = tmp_path / 'routing'
+    paths = tool('analyze_routing')(['mmdet', str(CASCADE_CONFIG), str(checkpoint), '--output-dir', str(out),
+                                     '--max-images', '2', '--vis-images', '1',
+                                     '--cfg-options', 'model.test_cfg.rpn.max_per_img=40'])
+    summary = json.loads(paths['summary'].read_text())
+    assert summary['images'] == 2 and len(summary['layers']) == 3
+    with open(paths['table']) as f:
+        rows = list(csv.DictReader(f))
+    boxes = []
+    for stage in sorted(summary['layers']):
+        stage_rows = [r for r in rows if r['layer'] == stage]
+        assert summary['layers'][stage]['instances'] == len(stage_rows) == 2 * 40
+        for row in stage_rows:
+            kept = {int(g) for g in row['scene_groups'].split()}
+            assert len(kept) == 2 and {int(row['expert_0']) // EXPERTS_PER_GROUP,
+                                       int(row['expert_1']) // EXPERTS_PER_GROUP} <= kept
+        boxes.append(torch.tensor([[float(r[k]) for k in ('x1', 'y1', 'x2', 'y2')] for r in stage_rows]))
+    assert not torch.allclose(boxes[0], boxes[1])
+    assert len(list((out / 'examples').glob('*.png'))) == 1
+
+
+@pytest.mark.slow
+def test_analyze_routing_on_a_dino_checkpoint_follows_the_queries(tmp_path, capsys):
+    checkpoint = random_init_checkpoint(DINO_CONFIG, tmp_path / 'dino_init.pth')
+    out = tmp_path / 'routing'
+    paths = tool('analyze_routing')(['mmdet', str(DINO_CONFIG), str(checkpoint), '--output-dir', str(out),
+                                     '--max-images', '2', '--vis-images', '1',
+                                     '--cfg-options', 'model.test_cfg.max_per_img=10'])
+    summary = json.loads(paths['summary'].read_text())
+    assert list(summary['layers']) == ['decoder.2']  # the last MoE decoder layer (3 decoder layers)
+    layer = summary['layers']['decoder.2']
+    assert summary['images'] == 2 and layer['instances'] == 20 and layer['num_experts'] == 8
+    assert layer['level_expert']['rows'] == []  # queries have no FPN level
+    assert sum(layer['expert_instances']) == 20 * 2  # top-2 per query, no capacity limit
+    assert len(list((out / 'examples').glob('*.png'))) == 1
+    printed = capsys.readouterr().out
+    assert 'routing analysis of 2 images' in printed and '[decoder.2] 20 instances, 8 experts' in printed
+
+
+@pytest.mark.slow
+def test_demo_says_when_no_prediction_passes_the_threshold(tmp_path, data_root, capsys):
+    """Before: a plain photo and no message."""
+    checkpoint = random_init_checkpoint(HIMOE_CONFIG, tmp_path / 'himoe_init.pth')
+    image = sorted((data_root / 'aquarium/images/valid').glob('*.jpg'))[0]
+    (written,) = tool('demo_routing')(['mmdet', str(HIMOE_CONFIG), str(checkpoint), '--input', str(image),
+                                       '--output-dir', str(tmp_path / 'demo'), '--score-thresh', '1.01',
+                                       '--device', 'cpu'])
+    assert f'{written}: no prediction with score >= 1.01' in capsys.readouterr().out
+    drawn = matplotlib.image.imread(written)[..., :3]
+    assert drawn.shape[:2] == matplotlib.image.imread(image).shape[:2]
+    assert drawn[-3:].max() <= 40 / 255  # the note's band at the bottom
+
+
+def test_log_processor_shows_one_compact_routing_line_and_keeps_every_value_for_the_visualizer():
+    """Before: a DINO's line held ~130 himoe/encoder.i/... values (~5,000 characters) inline."""
+    hub = MessageHub(name='himoe_log_processor_test')
+    hub.update_scalar('train/loss', 1.25)
+    hub.update_scalar('train/loss_cls', 0.75)
+    layers = [f'encoder.{i}' for i in range(6)] + [f'decoder.{i}' for i in range(6)]
+    for i, layer in enumerate(layers):
+        for e in range(8):
+            hub.update_scalar(f'train/himoe/{layer}/expert_load/{e}', 0.125)
+        hub.update_scalar(f'train/himoe/{layer}/load_max', 0.2 + i / 100)
+        hub.update_scalar(f'train/himoe/{layer}/load_min', 0.1 - i / 200)
+        hub.update_scalar(f'train/himoe/{layer}/routing_entropy', 1.0 + i / 10)
+        hub.update_scalar(f'train/himoe/{layer}/dropped_fraction', 0.0)
+    runner = SimpleNamespace(message_hub=hub, iter=9, max_iters=100, _train_loop=SimpleNamespace())
+    processor = LOG_PROCESSORS.build(dict(type='HIMoELogProcessor', by_epoch=False, window_size=1))
+    tag, log_str = processor.get_log_after_iter(runner, 9, 'train')
+    assert sum(name.startswith('himoe/') for name in tag) == 12 * 12  # all of them go to the visualizer
+    losses, summary = log_str.splitlines()
+    assert 'Iter(train) [ 10/100]' in losses and 'loss: 1.2500' in losses and 'loss_cls: 0.7500' in losses
+    assert 'himoe/' not in losses
+    assert summary == ('himoe (12 layers): load max 0.310 (decoder.5) min 0.045 (decoder.5)  '
+                       'routing_entropy 1.000 (encoder.0) .. 2.100 (decoder.5)  dropped_fraction max 0.000 (encoder.0)')
+    assert len(summary) < 200

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from mmdet_helpers import (HIMOE_CONFIG, REPO_ROOT, TRAIN_ITERS, VALID_IMAGES,
                            dist_train_two_ranks, mmdet_tools_dir, slice_eval_config,
@@ -17,6 +18,7 @@ ROUTING_LOSSES = ('loss_moe_balance', 'loss_moe_scene_balance', 'loss_moe_z')
 NUM_EXPERTS = 6
 
 
+@pytest.mark.slow
 def test_runner_trains_and_evaluates_with_routing_losses_and_statistics(trained_run):
     """Routing losses are optimised (summed into ``loss``) and logged, statistics reach
     the log through the MessageHub, and CocoMetric evaluates the valid slice."""
@@ -45,6 +47,7 @@ def test_runner_trains_and_evaluates_with_routing_losses_and_statistics(trained_
     assert sum(len(p['pred_instances']['scores']) for p in predictions) > 0
 
 
+@pytest.mark.slow
 def test_stock_test_tool_reproduces_validation_from_checkpoint(trained_run, tmp_path, data_root):
     """mmdet's own tools/test.py (subprocess, ``torch.load`` with its weights-only default)
     loads the checkpoint and predicts exactly what validation predicted in training."""
@@ -78,6 +81,7 @@ class _ResumeProbe(Hook):
         self.optimizer = copy.deepcopy(runner.optim_wrapper.optimizer.state_dict())
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_iteration_optimizer_and_router(trained_run, tmp_path):
     saved = torch.load(trained_run.checkpoint, map_location='cpu')  # weights_only default
     assert saved['meta']['iter'] == TRAIN_ITERS
@@ -109,6 +113,7 @@ def test_resume_continues_from_saved_iteration_optimizer_and_router(trained_run,
     assert any(not torch.equal(final[k], saved['state_dict'][k]) for k in router_keys)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_share_global_routing_losses(tmp_path, data_root, valid_slice):
     """tools/mmdet/dist_train.sh (gloo on CPU, ``launcher='pytorch'``, no
     ``find_unused_parameters``) trains 2 iterations on 2 processes. With one of three groups

@@ -1,9 +1,7 @@
 # HI-MoE version of cascade-rcnn_r18_fpn_aquarium_cpu.py: only the RoI head differs. Every
 # stage's bbox head becomes its MoE counterpart with its own experts (6 in 3 groups; the scene
 # router keeps 2 groups per image, every RoI goes to 2 of their 4 experts).
-_base_ = './cascade-rcnn_r18_fpn_aquarium_cpu.py'
-
-custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+_base_ = ['./cascade-rcnn_r18_fpn_aquarium_cpu.py', '../_base_/himoe_runtime.py']
 
 model = dict(
     roi_head=dict(
@@ -20,3 +18,7 @@ model = dict(
             loss_balance=dict(
                 type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
             loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))
+
+# The console shows the routing statistics as one compact `himoe:` line; every value goes to
+# the scalars file (see ../_base_/himoe_runtime.py; a base cannot set it next to the stock runtime).
+log_processor = dict(type='HIMoELogProcessor')

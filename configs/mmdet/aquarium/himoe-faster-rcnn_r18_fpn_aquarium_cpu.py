@@ -3,10 +3,9 @@
 # scene router keeps 2 groups per image and every RoI goes to 2 of their 4 experts.
 # Super-class supervision of the scene router (off here) needs:
 #   model.roi_head.bbox_head.loss_scene=dict(type='SceneSupervisionLoss', loss_weight=0.1)
-#   custom_hooks=[..., dict(type='SceneSupervisionHook')]
-_base_ = './faster-rcnn_r18_fpn_aquarium_cpu.py'
-
-custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+#   custom_hooks=[dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook'),
+#                 dict(type='SceneSupervisionHook')]   (a list replaces the inherited one)
+_base_ = ['./faster-rcnn_r18_fpn_aquarium_cpu.py', '../_base_/himoe_runtime.py']
 
 model = dict(
     roi_head=dict(
@@ -23,6 +22,6 @@ model = dict(
                 type='LoadBalancingLoss', loss_weight=0.01, scene_loss_weight=0.01),
             loss_router_z=dict(type='RouterZLoss', loss_weight=0.001))))
 
-# Routing statistics (train/himoe/*) whenever the logger logs (its interval read at run time);
-# checkpoints that torch.load(weights_only=True) and mmdet's publish_model.py read as they are.
-custom_hooks = [dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook')]
+# The console shows the routing statistics as one compact `himoe:` line; every value goes to
+# the scalars file (see ../_base_/himoe_runtime.py; a base cannot set it next to the stock runtime).
+log_processor = dict(type='HIMoELogProcessor')

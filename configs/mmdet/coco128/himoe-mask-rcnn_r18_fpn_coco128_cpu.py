@@ -5,9 +5,8 @@ _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     '../_base_/datasets/coco128_instance.py',
     '../_base_/cpu_schedule.py',
+    '../_base_/himoe_runtime.py',
 ]
-
-custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
 
 channels = 128
 model = dict(
@@ -42,3 +41,7 @@ model = dict(
         rpn_proposal=dict(nms_pre=1000, max_per_img=500),
         rcnn=dict(sampler=dict(num=256))),
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=300)))
+
+# The console shows the routing statistics as one compact `himoe:` line; every value goes to
+# the scalars file (see ../_base_/himoe_runtime.py; a base cannot set it next to the stock runtime).
+log_processor = dict(type='HIMoELogProcessor')
