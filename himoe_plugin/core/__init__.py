@@ -19,7 +19,7 @@ from .config import (
 )
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
-from .export_dispatch import ExportDispatchPlan, exporting
+from .export_dispatch import ExportDispatchPlan, exporting, image_index_of
 from .guards import require_routing_inputs
 from .losses import (
     groups_of_supercategories,
@@ -67,6 +67,7 @@ __all__ = [
     "StackedMLPExperts",
     "ExportDispatchPlan",
     "exporting",
+    "image_index_of",
     "groups_of_supercategories",
     "read_coco_supercategories",
     "scene_supervision_loss",

@@ -107,6 +107,14 @@ def export_experts_forward(
     return out
 
 
+def image_index_of(per_image: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N,) long, the image of every instance, from each image's (n_i, ...) instance tensor.
+
+    Built from the tensors (``full_like``), not from Python lengths, so that a traced model
+    takes any number of instances per image."""
+    return torch.cat([torch.full_like(t[:, 0], i, dtype=torch.long) for i, t in enumerate(per_image)])
+
+
 def export_masked_mean_pool(
     feature_maps: Sequence[torch.Tensor],
     strides: Sequence[int],
