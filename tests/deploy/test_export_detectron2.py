@@ -27,6 +27,7 @@ LAZY_CONFIG = CONFIGS / "aquarium" / "himoe_faster_rcnn_R_18_FPN_aquarium.py"
 EXPORT_TOOL = REPO_ROOT / "tools" / "deploy" / "export_model.py"
 #: Narrower experts than the configs' (fc 1024) keep the exported files small in tests.
 TEST_OPTS = ["MODEL.ROI_BOX_HEAD.FC_DIM", "256", "MODEL.RPN.POST_NMS_TOPK_TEST", "300"]
+LAZY_TEST_OPTS = ["model.proposal_generator.post_nms_topk=[500,300]"]
 
 
 def resized_images(cfg, folder: Path, count: int):
@@ -189,27 +190,29 @@ def test_export_tool_run_eval_gets_the_eager_ap(calibrated_checkpoint, data_root
 
 
 @pytest.mark.slow
-def test_export_tool_traces_a_lazyconfig_model(calibrated_checkpoint, data_root_registered, tmp_path):
+def test_export_tool_traces_a_lazyconfig_model(data_root_registered, tmp_path):
     """A LazyConfig (.py) model, weights from ``train.init_checkpoint``: the written TorchScript
     file gives the eager detections on an image of another size than its sample."""
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(str(LAZY_CONFIG)), LAZY_TEST_OPTS)
+    torch.manual_seed(0)
+    model = instantiate(lazy.model).eval()
+    images = resized_images(small_cfg(tmp_path), data_root_registered / "aquarium/images/valid", count=6)
+    calibrate_batch_norm(model, images[:2])
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("lazy_model")
     sample = sorted((data_root_registered / "aquarium/images/valid").glob("*.jpg"))[0]
     code, log = run_tool([
         "--config-file", str(LAZY_CONFIG), "--output", str(tmp_path), "--sample-image", str(sample),
-        f"train.init_checkpoint={calibrated_checkpoint['weights']}",
-        "model.roi_heads.box_head.fc_dims=[256,256]", "model.proposal_generator.post_nms_topk=[500,300]",
+        f"train.init_checkpoint={tmp_path / 'lazy_model.pth'}", *LAZY_TEST_OPTS,
     ])
     assert code == 0, log[-4000:]
-    lazy = LazyConfig.apply_overrides(LazyConfig.load(str(LAZY_CONFIG)), [
-        "model.roi_heads.box_head.fc_dims=[256,256]", "model.proposal_generator.post_nms_topk=[500,300]"])
-    model = instantiate(lazy.model).eval()
-    DetectionCheckpointer(model).load(str(calibrated_checkpoint["weights"]))
     traced = torch.jit.load(str(tmp_path / "model.ts"))
-    image = resized_images(calibrated_checkpoint["cfg"], data_root_registered / "aquarium/images/valid", count=6)[2]
-    adapter = TracingAdapter(model, [{"image": image}], unpostprocessed).eval()
+    adapter = TracingAdapter(model, [{"image": images[2]}], unpostprocessed).eval()
     with torch.no_grad():
-        eager = adapter.outputs_schema(adapter(image))[0]["instances"]
-        exported = adapter.outputs_schema(traced(image))[0]["instances"]
-    assert len(eager) > 10 and unmatched_detections(eager, exported) == 0
+        for image in images[2:4]:  # sizes other than the sample's (341x256)
+            flat = adapter(image)  # (sets the adapter's outputs schema)
+            eager = adapter.outputs_schema(flat)[0]["instances"]
+            exported = adapter.outputs_schema(traced(image))[0]["instances"]
+            assert len(eager) > 10 and unmatched_detections(eager, exported) == 0
 
 
 def test_export_tool_scripting_names_the_moe_layer(data_root_registered, tmp_path):

@@ -32,7 +32,6 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import build_detection_test_loader, detection_utils
 from detectron2.data import transforms as T
@@ -94,7 +93,7 @@ def load_lazy(args) -> Deployable:
     cfg.dataloader.test.num_workers = 0
     model = instantiate(cfg.model)
     model.to(cfg.train.device if torch.cuda.is_available() else "cpu")
-    DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+    SafeDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
     (resize,) = [a for a in instantiate(cfg.dataloader.test.mapper.augmentations)
                  if isinstance(a, T.ResizeShortestEdge)]
     return Deployable(
@@ -141,6 +140,17 @@ def export_scripting(args, model: torch.nn.Module) -> None:
     logger.info(f"wrote {path}")
 
 
+def warn_capacity(model: torch.nn.Module) -> None:
+    """Exported HI-MoE layers are dropless: say so where a capacity limit is configured."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoEBlock) and module.config.capacity_factor > 0:
+            logger.warning(
+                f"{name}: {module.router.key_of('capacity_factor')}={module.config.capacity_factor} "
+                "is not applied by the exported model (exports are dropless: every routed RoI is "
+                "computed), so it may differ from eager inference where that drops assignments"
+            )
+
+
 def tracing_adapter(model: torch.nn.Module, image: torch.Tensor) -> TracingAdapter:
     """Detectron2's ``TracingAdapter`` around ``model`` for one (3, H, W) image; R-CNN models
     return their detections before the final resize (and masks as RoI masks)."""
@@ -155,6 +165,7 @@ def tracing_adapter(model: torch.nn.Module, image: torch.Tensor) -> TracingAdapt
 def export_tracing(args, model: torch.nn.Module, image: torch.Tensor):
     """Trace ``model`` on ``image``, write ``model.ts`` / ``model.onnx`` to ``--output``;
     returns ``(adapter, run)``, ``run(image) -> flat outputs`` of the exported file."""
+    warn_capacity(model)
     adapter = tracing_adapter(model, image)
     if args.format == "torchscript":
         with torch.no_grad():
