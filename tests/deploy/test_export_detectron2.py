@@ -93,7 +93,8 @@ def data_root_registered(data_root):
     return data_root
 
 
-@pytest.mark.parametrize("config", ["faster", pytest.param("mask", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["faster", "mask"])
 def test_traced_detector_gives_eager_detections_and_experts_on_other_images(data_root_registered, tmp_path, config):
     yaml, folder = {"faster": (HIMOE_YAML, "aquarium/images/valid"), "mask": (MASK_YAML, "coco128/images")}[config]
     cfg = small_cfg(tmp_path, yaml=yaml, extra=TEST_OPTS + ["MODEL.HIMOE.OUTPUT_ROUTING", "True"])
