@@ -19,6 +19,7 @@ from .config import (
 )
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
+from .export_dispatch import ExportDispatchPlan, exporting, image_index_of
 from .guards import require_routing_inputs
 from .losses import (
     groups_of_supercategories,
@@ -64,6 +65,9 @@ __all__ = [
     "DenseMLP",
     "MoEMLP",
     "StackedMLPExperts",
+    "ExportDispatchPlan",
+    "exporting",
+    "image_index_of",
     "groups_of_supercategories",
     "read_coco_supercategories",
     "scene_supervision_loss",

@@ -11,7 +11,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..core import MoEConfigError, Routing, link_cascade_stages, stage_reuse
+from ..core import MoEConfigError, Routing, image_index_of, link_cascade_stages, stage_reuse
 from .config import himoe_key
 from .scene_routing import SceneRoutedROIHeads, check_moe_box_head
 
@@ -126,9 +126,7 @@ class InstanceMoECascadeROIHeads(SceneRoutedROIHeads, CascadeROIHeads):
         box_features = self.box_pooler(features, [p.proposal_boxes for p in proposals])
         # As the stock heads: the stages' losses add up, their gradients on the features average.
         box_features = _ScaleGradient.apply(box_features, 1.0 / self.num_cascade_stages)
-        image_index = torch.cat(
-            [box_features.new_full((len(p),), i, dtype=torch.long) for i, p in enumerate(proposals)]
-        )
+        image_index = image_index_of([p.proposal_boxes.tensor for p in proposals])
         reuse = stage_reuse(self.route_once, stage, state.routings, state.kept_rows)
         box_features, routing = self.box_head[stage](
             box_features,
