@@ -1,0 +1,40 @@
+"""Images and models shared by the deployment tests."""
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / 'configs' / 'mmdet' / 'aquarium'
+HIMOE_FASTER_RCNN = CONFIG_DIR / 'himoe-faster-rcnn_r18_fpn_aquarium_cpu.py'
+FASTER_RCNN = CONFIG_DIR / 'faster-rcnn_r18_fpn_aquarium_cpu.py'
+HIMOE_DINO = CONFIG_DIR / 'himoe-dino-4scale_r18_aquarium_cpu.py'
+DINO = CONFIG_DIR / 'dino-4scale_r18_aquarium_cpu.py'
+#: Boxes and scores of an exported model agree with PyTorch to this (pixels / probability).
+ATOL = 1e-4
+
+
+def valid_images_by_size(data_root: Path) -> Dict[tuple, List[Path]]:
+    """Aquarium valid images grouped by (height, width), sizes in order of first appearance."""
+    groups: Dict[tuple, List[Path]] = OrderedDict()
+    for path in sorted((data_root / 'aquarium' / 'images' / 'valid').glob('*.jpg')):
+        width, height = Image.open(path).size
+        groups.setdefault((height, width), []).append(path)
+    return groups
+
+
+def as_detections(eager: dict):
+    from himoe_plugin.deploy.runtimes import Detections
+
+    return Detections(*(eager[key].numpy() for key in ('boxes', 'scores', 'labels')))
+
+
+def assert_same_detections(got, want, atol: float = ATOL) -> None:
+    """Same count, identical labels, boxes and scores within ``atol``."""
+    assert len(got.scores) == len(want.scores), (len(got.scores), len(want.scores))
+    assert len(want.scores) > 0, 'no detections to compare'
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.boxes, want.boxes, rtol=0, atol=atol)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=atol)
