@@ -26,6 +26,8 @@ setup(
         "benchmarks": ["matplotlib", "tqdm"],
         # tools/analyze_routing.py and himoe_plugin.analysis (figures)
         "analysis": ["matplotlib", "tqdm"],
+        # tools/deploy: ONNX export (dynamo exporter: onnxscript) and ONNX Runtime
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
     },
     license="Apache-2.0",
     classifiers=[

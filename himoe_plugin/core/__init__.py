@@ -19,6 +19,7 @@ from .config import (
 )
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .experts import DenseMLP, MoEMLP, StackedMLPExperts
+from .export_dispatch import ExportDispatchPlan, exporting
 from .guards import require_routing_inputs
 from .losses import (
     groups_of_supercategories,
@@ -64,6 +65,8 @@ __all__ = [
     "DenseMLP",
     "MoEMLP",
     "StackedMLPExperts",
+    "ExportDispatchPlan",
+    "exporting",
     "groups_of_supercategories",
     "read_coco_supercategories",
     "scene_supervision_loss",

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import MoEConfig, MoEConfigError, check_route_once
 from .experts import MoEMLP
+from .export_dispatch import exporting
 from .router import HierarchicalRouter, Routing, SceneRouting
 from .stats import RoutingStatsMeter
 from .upcycle import upcycle_state_dict
@@ -124,7 +125,7 @@ class MoEBlock(nn.Module):
             scene=scene,
         )
         y = self.moe(x, routing.plan)
-        if self.training:
+        if self.training and not exporting():  # statistics stay out of exported graphs
             self.statistics.update(routing.statistics)
             self._warn_if_dropping(routing)
         return y, routing

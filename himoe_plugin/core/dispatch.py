@@ -6,6 +6,8 @@ from typing import List
 
 import torch
 
+from .export_dispatch import exporting, export_dispatch_plan
+
 
 @dataclass
 class DispatchPlan:
@@ -56,7 +58,10 @@ def build_dispatch_plan(
         confidence: (N, k) float, router probability of each assignment; when ``capacity`` > 0
             an expert keeps its ``capacity`` most confident assignments and drops the rest.
         capacity: maximum assignments per expert; 0 means dropless.
+    Under tracing or export: an ``ExportDispatchPlan`` (no host-side sizes, dropless).
     """
+    if exporting():
+        return export_dispatch_plan(expert_index, combine_weight, num_experts)
     num_instances, top_k = expert_index.shape
     device = expert_index.device
     flat_expert = expert_index.reshape(-1)

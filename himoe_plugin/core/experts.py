@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import check_expert_backend
 from .dispatch import DispatchPlan
+from .export_dispatch import export_experts_forward, exporting
 from .grouped_linear import grouped_linear
 
 
@@ -70,8 +71,12 @@ class StackedMLPExperts(nn.Module):
         Each layer is one grouped linear over the routed rows in expert order (every expert
         multiplies only its own rows: N*k rows in total, whatever E is); the first one gathers
         its rows itself. Every expert's parameters get a gradient (zero without rows), so DDP
-        never sees an unused one.
+        never sees an unused one. Under tracing or export: ``export_experts_forward``.
         """
+        if exporting():
+            return export_experts_forward(
+                self.weights, self.biases, x, plan, self.activate_output, self.hidden_dropout, self.training
+            )
         if x.shape[0] != plan.num_instances:
             raise ValueError(
                 f"input has {x.shape[0]} rows but the dispatch plan routes {plan.num_instances}"
@@ -96,14 +101,8 @@ def combine(expert_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
     One autograd op: the rows are un-sorted into the (N, k) slot grid, scaled by their routing
     weight in place and summed over k (a copy, a scale and a reduction; a scatter-add is much
-    slower on CPU). Slots of dropped assignments are 0. While tracing it is written in standard
-    ops, for tracers.
+    slower on CPU). Slots of dropped assignments are 0.
     """
-    if torch.jit.is_tracing():
-        weighted = expert_rows * plan.combine_weight.unsqueeze(1).to(expert_rows.dtype)
-        grid = weighted.new_zeros(plan.num_instances * plan.top_k, weighted.shape[1])
-        grid = grid.index_copy(0, plan.slot, weighted)
-        return grid.view(plan.num_instances, plan.top_k, weighted.shape[1]).sum(dim=1)
     return _Combine.apply(
         expert_rows, plan.combine_weight, plan.slot, plan.instance_index, plan.num_instances, plan.top_k
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .config import GROUPED_MM_ALIGNMENT, MoEConfigError, check_expert_backend
 
@@ -118,17 +117,8 @@ def grouped_linear(
         backend_key: the config key named in errors about ``backend``.
     Returns:
         (A, out). Under autocast the matmuls run in the autocast dtype, like ``F.linear``.
-
-    While tracing (TorchScript export, fvcore / mmengine FLOP counters) it is written as one
-    ``F.linear`` per expert, so tracers see standard ops with the real row counts.
     """
     rows_per_expert = [int(r) for r in rows_per_expert]
-    if torch.jit.is_tracing():
-        if row_index is not None:
-            x = x.index_select(0, row_index)
-        chunks = torch.split(x, rows_per_expert)
-        out = torch.cat([F.linear(rows, weight[e], bias[e]) for e, rows in enumerate(chunks)])
-        return F.relu(out) if relu else out
     check_expert_backend(backend, key=backend_key)
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:

@@ -6,6 +6,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from .export_dispatch import export_masked_mean_pool, exporting
+
 
 def masked_mean_pool(
     feature_maps: Sequence[torch.Tensor],
@@ -21,6 +23,7 @@ def masked_mean_pool(
     Returns:
         (B, C) float32 scene descriptors; padding never contributes. The sums run in float32,
         so a large fp16 map under autocast (66,800 cells at stride 4 of 800x1333) cannot overflow.
+        Under tracing or export: ``export_masked_mean_pool`` (image sizes may be tensors).
     """
     if len(feature_maps) != len(strides):
         raise ValueError(f"got {len(feature_maps)} feature maps but {len(strides)} strides")
@@ -30,6 +33,8 @@ def masked_mean_pool(
         raise ValueError(
             f"{len(image_sizes)} image sizes for a batch of {feature_maps[0].shape[0]} feature maps"
         )
+    if exporting():
+        return export_masked_mean_pool(feature_maps, strides, image_sizes)
     per_image = []
     for b, (height, width) in enumerate(image_sizes):
         levels = [

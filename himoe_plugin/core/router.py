@@ -11,6 +11,7 @@ from torch import nn
 from .config import MoEConfig, MoEConfigError
 from .dispatch import DispatchPlan, build_dispatch_plan
 from .distributed import global_sum
+from .export_dispatch import exporting
 from .losses import logsumexp_squared_sum, scene_supervision_loss, switch_balance_loss
 
 LOSS_BALANCE = "loss_moe_balance"
@@ -314,7 +315,10 @@ class HierarchicalRouter(nn.Module):
 
         In training with ``global_balance`` the vector is summed over data-parallel ranks in a
         single collective, issued on every rank every step (also with zero instances).
+        Nothing under tracing or export: losses and statistics stay out of exported graphs.
         """
+        if exporting():
+            return
         cfg = self.config
         num_experts, groups = cfg.num_experts, cfg.groups
         probs = routing.instance_probs
