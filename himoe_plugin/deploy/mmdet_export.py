@@ -34,7 +34,7 @@ from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
 from torch import Tensor, nn
 from torchvision.ops import nms, roi_align
 
-from ..core import MoEConfigError
+from ..core import MoEConfigError, masked_mean_pool
 
 #: ONNX opset of the exports (GridSample needs 16, RoiAlign's half_pixel mode 16).
 OPSET = 17
@@ -206,18 +206,7 @@ class MMDetONNXModel(nn.Module):
         """(B, C) each image's neck features averaged over its unpadded area, then over levels
         (the HI-MoE RoI head's ``scene_features``, with the sizes as tensors)."""
         strides = self.detector.roi_head.scene_featmap_strides
-        per_image = []
-        for b in range(image_sizes.shape[0]):
-            levels = []
-            for level, stride in enumerate(strides):
-                rows = torch.div(image_sizes[b, 0] + stride - 1, stride,
-                                 rounding_mode='floor').clamp(min=1)
-                cols = torch.div(image_sizes[b, 1] + stride - 1, stride,
-                                 rounding_mode='floor').clamp(min=1)
-                levels.append(feats[level][b, :, :rows, :cols].mean(dim=(1, 2),
-                                                                    dtype=torch.float32))
-            per_image.append(torch.stack(levels).mean(dim=0))
-        return torch.stack(per_image)
+        return masked_mean_pool(feats[:len(strides)], strides, list(image_sizes))
 
     def _rcnn_detections(self, proposals: Tensor, cls_score: Tensor, bbox_pred: Tensor,
                          image_size: Tensor, box_scale: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
