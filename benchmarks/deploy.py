@@ -90,14 +90,14 @@ def build_family(family: str, sample_images: List[Path], tmp: Path, threads: int
                  ) -> Dict[str, Exported]:
     """Every model of ``MODELS[family]``, the HI-MoE ones upcycled from the dense one, exported
     on ``sample_images`` (one batch)."""
-    from himoe_plugin.deploy.mmdet_export import export_onnx, load_detector, prepare_inputs, \
-        test_pipeline
+    from himoe_plugin.deploy.mmdet_export import (export_onnx, inference_pipeline, load_detector,
+                                                  prepare_inputs)
 
     out: Dict[str, Exported] = {}
     dense_state = None
     for name, (config, options) in MODELS[family].items():
         detector, cfg = load_detector(CONFIGS / config, cfg_options=options)
-        pipeline = test_pipeline(cfg)
+        pipeline = inference_pipeline(cfg)
         sample, batch = prepare_inputs(detector, pipeline, sample_images)
         if dense_state is None:
             calibrate_batch_norm(detector, lambda: detector.extract_feat(sample['images']))
@@ -112,12 +112,12 @@ def build_family(family: str, sample_images: List[Path], tmp: Path, threads: int
 
 def exactness(models: Dict[str, Exported], images: List[Path]) -> Dict[str, dict]:
     """Per model and runtime: largest box / score difference to PyTorch, identical-label images."""
-    from himoe_plugin.deploy.mmdet_export import eager_detections, prepare_inputs, test_pipeline
+    from himoe_plugin.deploy.mmdet_export import eager_detections, prepare_inputs, inference_pipeline
     from himoe_plugin.deploy.runtimes import Detections, agreement
 
     report: Dict[str, dict] = {}
     for name, model in models.items():
-        pipeline = test_pipeline(model.cfg)
+        pipeline = inference_pipeline(model.cfg)
         checks: Dict[str, list] = {runtime: [] for runtime in model.runtimes}
         for image in images:
             inputs, batch = prepare_inputs(model.detector, pipeline, [image])
@@ -189,7 +189,7 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
 
     import himoe_plugin.mmdet  # noqa: F401
-    from himoe_plugin.deploy.mmdet_export import prepare_inputs, test_pipeline
+    from himoe_plugin.deploy.mmdet_export import prepare_inputs, inference_pipeline
     groups = images_by_size(data_root())
     sample = groups[0][0]
     # Held-out images: round-robin over the sizes, so every size is covered.
@@ -200,7 +200,7 @@ def main() -> None:
     for family in args.families:
         models = build_family(family, [sample], tmp, threads)
         first = next(iter(models.values()))
-        inputs, _ = prepare_inputs(first.detector, test_pipeline(first.cfg), [sample])
+        inputs, _ = prepare_inputs(first.detector, inference_pipeline(first.cfg), [sample])
         family_result = dict(exactness=exactness(models, held_out),
                              latency=latency(models, inputs, args.repeats, args.timer),
                              size=sizes(models))
@@ -208,7 +208,7 @@ def main() -> None:
             same_size = groups[0][1:1 + args.batch]
             batch_models = {name: models[name] for name in BATCH_MODELS[family]}
             exported = build_family_subset(family, batch_models, same_size, tmp, threads)
-            batch_inputs, _ = prepare_inputs(first.detector, test_pipeline(first.cfg), same_size)
+            batch_inputs, _ = prepare_inputs(first.detector, inference_pipeline(first.cfg), same_size)
             measured = latency_pair(exported, batch_inputs, args.repeats, args.timer)
             family_result['throughput'] = dict(batch=args.batch, **{
                 runtime: {name: args.batch / s['median_s'] for name, s in summary.items()}
@@ -225,11 +225,11 @@ def main() -> None:
 def build_family_subset(family: str, models: Dict[str, Exported], images: List[Path], tmp: Path,
                         threads: int) -> Dict[str, Exported]:
     """``models`` (already built) exported again with a batch of ``images``."""
-    from himoe_plugin.deploy.mmdet_export import export_onnx, prepare_inputs, test_pipeline
+    from himoe_plugin.deploy.mmdet_export import export_onnx, prepare_inputs, inference_pipeline
 
     out = {}
     for name, model in models.items():
-        sample, _ = prepare_inputs(model.detector, test_pipeline(model.cfg), images)
+        sample, _ = prepare_inputs(model.detector, inference_pipeline(model.cfg), images)
         path = export_onnx(model.detector, sample, tmp / f'{family}_{name}_b{len(images)}.onnx')
         out[name] = Exported(model.detector, model.cfg, path, threads)
     return out

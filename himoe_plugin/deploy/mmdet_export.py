@@ -332,7 +332,7 @@ def eager_detections(detector: nn.Module, batch: dict) -> List[Dict[str, Tensor]
                  labels=s.pred_instances.labels) for s in samples]
 
 
-def test_pipeline(cfg) -> List[dict]:
+def inference_pipeline(cfg) -> List[dict]:
     """The test pipeline of an MMDetection config."""
     dataset = cfg.test_dataloader.dataset
     while 'pipeline' not in dataset:  # wrappers (e.g. RepeatDataset) hold the real dataset

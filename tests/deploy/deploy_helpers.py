@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,3 +39,30 @@ def assert_same_detections(got, want, atol: float = ATOL) -> None:
     np.testing.assert_array_equal(got.labels, want.labels)
     np.testing.assert_allclose(got.boxes, want.boxes, rtol=0, atol=atol)
     np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=atol)
+
+
+@torch.no_grad()
+def calibrate_batch_norm(detector, images) -> None:
+    """BN running statistics from ``images`` (B, 3, H, W): random init without it makes the
+    eval-mode activations explode through the backbone (degenerate proposals and scores)."""
+    norms = [m for m in detector.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    detector.train()
+    for _ in range(2):
+        detector.extract_feat(images)
+    detector.eval()
+
+
+def export_calibrated(config: Path, sample_images: List[Path], path: Path):
+    """The detector of ``config`` (random init, seeded, BN calibrated on the sample), exported
+    on ``sample_images`` (one batch) to ``path``; returns (detector, test pipeline, path)."""
+    from himoe_plugin.deploy.mmdet_export import (export_onnx, load_detector, prepare_inputs,
+                                                  inference_pipeline)
+
+    detector, cfg = load_detector(config)
+    pipeline = inference_pipeline(cfg)
+    sample, _ = prepare_inputs(detector, pipeline, sample_images)
+    calibrate_batch_norm(detector, sample['images'])
+    return detector, pipeline, export_onnx(detector, sample, path)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from deploy_helpers import (CONFIG_DIR, HIMOE_DINO, HIMOE_FASTER_RCNN, as_detections,
-                            assert_same_detections, valid_images_by_size)
+                            assert_same_detections, export_calibrated, valid_images_by_size)
 
 from himoe_plugin.core import MoEConfigError
 from himoe_plugin.deploy.mmdet_export import (MMDetONNXModel, eager_detections, export_onnx,
-                                              load_detector, prepare_inputs, test_pipeline)
+                                              load_detector, prepare_inputs, inference_pipeline)
 from himoe_plugin.deploy.runtimes import OnnxRuntimeDetector, OpenVINODetector
 
 
@@ -42,11 +42,8 @@ def sized_images(data_root: Path):
 @pytest.fixture(scope='module')
 def himoe_faster_rcnn_export(tmp_path_factory, sized_images):
     """HI-MoE Faster R-CNN (random init, distinct experts) exported on image A."""
-    detector, cfg = load_detector(HIMOE_FASTER_RCNN)
-    pipeline = test_pipeline(cfg)
-    sample, _ = prepare_inputs(detector, pipeline, [sized_images[0]])
-    path = export_onnx(detector, sample, tmp_path_factory.mktemp('onnx') / 'himoe_frcnn.onnx')
-    return detector, pipeline, path
+    return export_calibrated(HIMOE_FASTER_RCNN, [sized_images[0]],
+                             tmp_path_factory.mktemp('onnx') / 'himoe_frcnn.onnx')
 
 
 def check_other_sizes(runtime_class, export, sized_images) -> None:
@@ -105,12 +102,11 @@ def test_himoe_faster_rcnn_batch_matches_single_images(tmp_path, himoe_faster_rc
 @pytest.mark.slow
 def test_himoe_dino_onnxruntime_exact(tmp_path, data_root):
     """HI-MoE DINO exported on one image is exact in ONNX Runtime on other images."""
-    detector, cfg = load_detector(HIMOE_DINO)
-    pipeline = test_pipeline(cfg)
     groups = valid_images_by_size(data_root)
     sample_image, *same_size = next(iter(groups.values()))[:3]
-    sample, _ = prepare_inputs(detector, pipeline, [sample_image])
-    runtime = OnnxRuntimeDetector(export_onnx(detector, sample, tmp_path / 'himoe_dino.onnx'))
+    detector, pipeline, path = export_calibrated(HIMOE_DINO, [sample_image],
+                                                 tmp_path / 'himoe_dino.onnx')
+    runtime = OnnxRuntimeDetector(path)
     others = same_size + [paths[0] for paths in list(groups.values())[1:]]
     for image in others:
         inputs, batch = prepare_inputs(detector, pipeline, [image])
@@ -128,7 +124,7 @@ def test_export_inputs_follow_the_mmdet_pipeline(sized_images):
     """The graph inputs carry the preprocessed batch, each image's unpadded size and the
     rescaling factors, as the detector's own ``test_step`` sees them."""
     detector, cfg = load_detector(HIMOE_FASTER_RCNN)
-    inputs, batch = prepare_inputs(detector, test_pipeline(cfg), [sized_images[0]])
+    inputs, batch = prepare_inputs(detector, inference_pipeline(cfg), [sized_images[0]])
     processed = detector.data_preprocessor(batch, False)
     torch.testing.assert_close(inputs['images'], processed['inputs'])
     meta = processed['data_samples'][0].metainfo

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 from deploy_helpers import (DINO, FASTER_RCNN, as_detections, assert_same_detections,
-                            valid_images_by_size)
+                            export_calibrated, valid_images_by_size)
 
 from himoe_plugin.deploy.mmdet_export import (OUTPUTS, TWO_STAGE_INPUTS, eager_detections,
-                                              export_onnx, load_detector, prepare_inputs,
-                                              test_pipeline)
+                                              prepare_inputs)
 from himoe_plugin.deploy.runtimes import (Detections, OnnxRuntimeDetector, OpenVINODetector,
                                           agreement, load_runtime, split_by_image)
 
@@ -89,10 +88,8 @@ def two_sizes(data_root: Path):
 @pytest.mark.parametrize('runtime_class', [OnnxRuntimeDetector, OpenVINODetector])
 def test_dense_faster_rcnn_exact_in_runtime(tmp_path, two_sizes, runtime_class):
     """Control: the dense twin, exported on one image, is exact on another size."""
-    detector, cfg = load_detector(FASTER_RCNN)
-    pipeline = test_pipeline(cfg)
-    sample, _ = prepare_inputs(detector, pipeline, [two_sizes[0]])
-    runtime = runtime_class(export_onnx(detector, sample, tmp_path / 'frcnn.onnx'))
+    detector, pipeline, path = export_calibrated(FASTER_RCNN, [two_sizes[0]], tmp_path / 'frcnn.onnx')
+    runtime = runtime_class(path)
     inputs, batch = prepare_inputs(detector, pipeline, [two_sizes[1]])
     assert_same_detections(runtime(inputs)[0], as_detections(eager_detections(detector, batch)[0]))
 
@@ -100,9 +97,7 @@ def test_dense_faster_rcnn_exact_in_runtime(tmp_path, two_sizes, runtime_class):
 @pytest.mark.slow
 def test_dense_dino_exact_in_onnxruntime(tmp_path, two_sizes):
     """Control: the dense DINO, exported on one image, is exact on another size."""
-    detector, cfg = load_detector(DINO)
-    pipeline = test_pipeline(cfg)
-    sample, _ = prepare_inputs(detector, pipeline, [two_sizes[0]])
-    runtime = OnnxRuntimeDetector(export_onnx(detector, sample, tmp_path / 'dino.onnx'))
+    detector, pipeline, path = export_calibrated(DINO, [two_sizes[0]], tmp_path / 'dino.onnx')
+    runtime = OnnxRuntimeDetector(path)
     inputs, batch = prepare_inputs(detector, pipeline, [two_sizes[1]])
     assert_same_detections(runtime(inputs)[0], as_detections(eager_detections(detector, batch)[0]))

@@ -55,12 +55,12 @@ def parse_options(pairs):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from himoe_plugin.deploy.mmdet_export import (eager_detections, export_onnx, load_detector,
-                                                  prepare_inputs, test_pipeline)
+                                                  prepare_inputs, inference_pipeline)
     from himoe_plugin.deploy.runtimes import Detections
 
     options = parse_options(args.cfg_options) if args.cfg_options else None
     detector, cfg = load_detector(args.config, args.checkpoint, options)
-    pipeline = test_pipeline(cfg)
+    pipeline = inference_pipeline(cfg)
     sample, _ = prepare_inputs(detector, pipeline, args.sample_image)
     path = export_onnx(detector, sample, args.output, dynamic_size=not args.static_size)
     print(f'wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)')
