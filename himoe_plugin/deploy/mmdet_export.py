@@ -161,10 +161,9 @@ class MMDetONNXModel(nn.Module):
             logits = cls_score.permute(1, 2, 0).reshape(-1, rpn_head.cls_out_channels)
             level_scores = (logits.sigmoid() if rpn_head.use_sigmoid_cls
                             else logits.softmax(-1)[:, :-1]).reshape(-1)
-            if nms_pre > 0:
-                count = torch._shape_as_tensor(level_scores)[0]
-                top = level_scores.topk(torch.clamp(count, max=nms_pre))
-                level_scores, index = top.values, top.indices
+            if nms_pre > 0:  # sorted as mmdet sorts (the order of equal scores matters to NMS)
+                level_scores, index = level_scores.sort(descending=True)
+                level_scores, index = level_scores[:nms_pre], index[:nms_pre]
                 level_deltas, level_priors = level_deltas[index], level_priors[index]
             scores.append(level_scores)
             deltas.append(level_deltas)

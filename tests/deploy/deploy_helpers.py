@@ -13,8 +13,10 @@ HIMOE_FASTER_RCNN = CONFIG_DIR / 'himoe-faster-rcnn_r18_fpn_aquarium_cpu.py'
 FASTER_RCNN = CONFIG_DIR / 'faster-rcnn_r18_fpn_aquarium_cpu.py'
 HIMOE_DINO = CONFIG_DIR / 'himoe-dino-4scale_r18_aquarium_cpu.py'
 DINO = CONFIG_DIR / 'dino-4scale_r18_aquarium_cpu.py'
-#: Boxes and scores of an exported model agree with PyTorch to this (pixels / probability).
-ATOL = 1e-4
+#: An exported model's scores agree with PyTorch's to this; its boxes to BOX_ATOL pixels
+#: (float32 spacing at 1024 px is 1.2e-4: boxes in original coordinates cannot agree to 1e-4).
+SCORE_ATOL = 1e-4
+BOX_ATOL = 1e-3
 
 
 def valid_images_by_size(data_root: Path) -> Dict[tuple, List[Path]]:
@@ -32,13 +34,13 @@ def as_detections(eager: dict):
     return Detections(*(eager[key].numpy() for key in ('boxes', 'scores', 'labels')))
 
 
-def assert_same_detections(got, want, atol: float = ATOL) -> None:
-    """Same count, identical labels, boxes and scores within ``atol``."""
+def assert_same_detections(got, want) -> None:
+    """Same count, identical labels, boxes within ``BOX_ATOL`` px, scores within ``SCORE_ATOL``."""
     assert len(got.scores) == len(want.scores), (len(got.scores), len(want.scores))
     assert len(want.scores) > 0, 'no detections to compare'
     np.testing.assert_array_equal(got.labels, want.labels)
-    np.testing.assert_allclose(got.boxes, want.boxes, rtol=0, atol=atol)
-    np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=atol)
+    np.testing.assert_allclose(got.boxes, want.boxes, rtol=0, atol=BOX_ATOL)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=SCORE_ATOL)
 
 
 @torch.no_grad()
@@ -58,11 +60,27 @@ def calibrate_batch_norm(detector, images) -> None:
 def export_calibrated(config: Path, sample_images: List[Path], path: Path):
     """The detector of ``config`` (random init, seeded, BN calibrated on the sample), exported
     on ``sample_images`` (one batch) to ``path``; returns (detector, test pipeline, path)."""
-    from himoe_plugin.deploy.mmdet_export import (export_onnx, load_detector, prepare_inputs,
-                                                  inference_pipeline)
+    from himoe_plugin.deploy.mmdet_export import export_onnx
 
-    detector, cfg = load_detector(config)
+    detector, pipeline, sample = random_detector(config, sample_images)
+    return detector, pipeline, export_onnx(detector, sample, path)
+
+
+#: Config overrides of the random-init test models: no batch padding (see ``random_detector``).
+UNPADDED = {'model.data_preprocessor.pad_size_divisor': 1}
+
+
+def random_detector(config: Path, sample_images: List[Path], options=None):
+    """The detector of ``config`` at random init (seeded), BN statistics from the sample, whose
+    single images are not padded to a multiple of 32. A random RPN can rank the anchors of the
+    constant padded border among its top ``nms_pre``; they tie exactly, and PyTorch's sort and
+    ONNX TopK order exact ties differently (a trained RPN scores padding low). Returns
+    (detector, pipeline, sample inputs)."""
+    from himoe_plugin.deploy.mmdet_export import (inference_pipeline, load_detector,
+                                                  prepare_inputs)
+
+    detector, cfg = load_detector(config, cfg_options={**UNPADDED, **(options or {})})
     pipeline = inference_pipeline(cfg)
     sample, _ = prepare_inputs(detector, pipeline, sample_images)
     calibrate_batch_norm(detector, sample['images'])
-    return detector, pipeline, export_onnx(detector, sample, path)
+    return detector, pipeline, sample

@@ -89,8 +89,8 @@ def test_himoe_faster_rcnn_batch_matches_single_images(tmp_path, himoe_faster_rc
                                                        data_root):
     """Two images exported as one batch give each image's own (single-image) detections."""
     detector, pipeline, _ = himoe_faster_rcnn_export
-    groups = valid_images_by_size(data_root)
-    sample_pair, test_pair = next(iter(groups.values()))[:2], next(iter(groups.values()))[2:4]
+    first_size = next(iter(valid_images_by_size(data_root).values()))
+    sample_pair, test_pair = first_size[:2], first_size[2:4]
     sample, _ = prepare_inputs(detector, pipeline, sample_pair)
     runtime = OnnxRuntimeDetector(export_onnx(detector, sample, tmp_path / 'batch2.onnx'))
     inputs, _ = prepare_inputs(detector, pipeline, test_pair)
@@ -130,5 +130,6 @@ def test_export_inputs_follow_the_mmdet_pipeline(sized_images):
     meta = processed['data_samples'][0].metainfo
     assert inputs['image_sizes'].tolist() == [list(meta['img_shape'][:2])]
     assert inputs['images'].shape[-1] % 32 == 0 and inputs['images'].shape[-2] % 32 == 0
+    assert tuple(inputs['images'].shape[-2:]) != tuple(meta['img_shape'][:2])  # padded
     torch.testing.assert_close(inputs['box_scale'] * inputs['scale_factors'],
                                torch.ones(1, 2))
