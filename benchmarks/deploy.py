@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -38,11 +39,13 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-from detector import calibrate_batch_norm, data_root
+from detector import data_root
 from timing import (RESULTS_DIR, add_timer_arguments, apply_timer_arguments, compare, fmt_ratio,
                     ratio_summary, write_results)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / 'tests' / 'deploy'))
+from deploy_helpers import random_detector  # noqa: E402  (the tests' model setup)
 CONFIGS = REPO_ROOT / 'configs' / 'mmdet' / 'aquarium'
 BOX_HEAD = 'model.roi_head.bbox_head'
 HIMOE_HEAD = {f'{BOX_HEAD}.upcycle_noise_std': 0.01}
@@ -78,10 +81,10 @@ TARGETS = {('faster_rcnn', 'himoe_k1'): '<= 1.10', ('dino', 'split_e8k2'): '< 1.
 class Exported:
     """One model: the PyTorch detector, its exports and their runtimes."""
 
-    def __init__(self, detector, cfg, path: Path, threads: int):
+    def __init__(self, detector, pipeline, path: Path, threads: int):
         from himoe_plugin.deploy.runtimes import OnnxRuntimeDetector, OpenVINODetector
 
-        self.detector, self.cfg, self.path = detector, cfg, path
+        self.detector, self.pipeline, self.path = detector, pipeline, path
         self.runtimes = {'onnxruntime': OnnxRuntimeDetector(path, threads),
                          'openvino': OpenVINODetector(path, threads)}
 
@@ -90,34 +93,30 @@ def build_family(family: str, sample_images: List[Path], tmp: Path, threads: int
                  ) -> Dict[str, Exported]:
     """Every model of ``MODELS[family]``, the HI-MoE ones upcycled from the dense one, exported
     on ``sample_images`` (one batch)."""
-    from himoe_plugin.deploy.mmdet_export import (export_onnx, inference_pipeline, load_detector,
-                                                  prepare_inputs)
+    from himoe_plugin.deploy.mmdet_export import export_onnx
 
     out: Dict[str, Exported] = {}
     dense_state = None
     for name, (config, options) in MODELS[family].items():
-        detector, cfg = load_detector(CONFIGS / config, cfg_options=options)
-        pipeline = inference_pipeline(cfg)
-        sample, batch = prepare_inputs(detector, pipeline, sample_images)
+        detector, pipeline, sample = random_detector(CONFIGS / config, sample_images, options)
         if dense_state is None:
-            calibrate_batch_norm(detector, lambda: detector.extract_feat(sample['images']))
             dense_state = copy.deepcopy(detector.state_dict())
         else:
             detector.load_state_dict(dense_state, strict=False)
         detector.eval()
         path = export_onnx(detector, sample, tmp / f'{family}_{name}_b{len(sample_images)}.onnx')
-        out[name] = Exported(detector, cfg, path, threads)
+        out[name] = Exported(detector, pipeline, path, threads)
     return out
 
 
 def exactness(models: Dict[str, Exported], images: List[Path]) -> Dict[str, dict]:
     """Per model and runtime: largest box / score difference to PyTorch, identical-label images."""
-    from himoe_plugin.deploy.mmdet_export import eager_detections, prepare_inputs, inference_pipeline
+    from himoe_plugin.deploy.mmdet_export import eager_detections, prepare_inputs
     from himoe_plugin.deploy.runtimes import Detections, agreement
 
     report: Dict[str, dict] = {}
     for name, model in models.items():
-        pipeline = inference_pipeline(model.cfg)
+        pipeline = model.pipeline
         checks: Dict[str, list] = {runtime: [] for runtime in model.runtimes}
         for image in images:
             inputs, batch = prepare_inputs(model.detector, pipeline, [image])
@@ -189,7 +188,7 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
 
     import himoe_plugin.mmdet  # noqa: F401
-    from himoe_plugin.deploy.mmdet_export import prepare_inputs, inference_pipeline
+    from himoe_plugin.deploy.mmdet_export import prepare_inputs
     groups = images_by_size(data_root())
     sample = groups[0][0]
     # Held-out images: round-robin over the sizes, so every size is covered.
@@ -200,7 +199,7 @@ def main() -> None:
     for family in args.families:
         models = build_family(family, [sample], tmp, threads)
         first = next(iter(models.values()))
-        inputs, _ = prepare_inputs(first.detector, inference_pipeline(first.cfg), [sample])
+        inputs, _ = prepare_inputs(first.detector, first.pipeline, [sample])
         family_result = dict(exactness=exactness(models, held_out),
                              latency=latency(models, inputs, args.repeats, args.timer),
                              size=sizes(models))
@@ -208,7 +207,7 @@ def main() -> None:
             same_size = groups[0][1:1 + args.batch]
             batch_models = {name: models[name] for name in BATCH_MODELS[family]}
             exported = build_family_subset(family, batch_models, same_size, tmp, threads)
-            batch_inputs, _ = prepare_inputs(first.detector, inference_pipeline(first.cfg), same_size)
+            batch_inputs, _ = prepare_inputs(first.detector, first.pipeline, same_size)
             measured = latency_pair(exported, batch_inputs, args.repeats, args.timer)
             family_result['throughput'] = dict(batch=args.batch, **{
                 runtime: {name: args.batch / s['median_s'] for name, s in summary.items()}
@@ -225,13 +224,13 @@ def main() -> None:
 def build_family_subset(family: str, models: Dict[str, Exported], images: List[Path], tmp: Path,
                         threads: int) -> Dict[str, Exported]:
     """``models`` (already built) exported again with a batch of ``images``."""
-    from himoe_plugin.deploy.mmdet_export import export_onnx, prepare_inputs, inference_pipeline
+    from himoe_plugin.deploy.mmdet_export import export_onnx, prepare_inputs
 
     out = {}
     for name, model in models.items():
-        sample, _ = prepare_inputs(model.detector, inference_pipeline(model.cfg), images)
+        sample, _ = prepare_inputs(model.detector, model.pipeline, images)
         path = export_onnx(model.detector, sample, tmp / f'{family}_{name}_b{len(images)}.onnx')
-        out[name] = Exported(model.detector, model.cfg, path, threads)
+        out[name] = Exported(model.detector, model.pipeline, path, threads)
     return out
 
 

@@ -57,12 +57,12 @@ def calibrate_batch_norm(detector, images) -> None:
     detector.eval()
 
 
-def export_calibrated(config: Path, sample_images: List[Path], path: Path):
-    """The detector of ``config`` (random init, seeded, BN calibrated on the sample), exported
-    on ``sample_images`` (one batch) to ``path``; returns (detector, test pipeline, path)."""
+def export_calibrated(config: Path, sample_images: List[Path], path: Path, options=None):
+    """``random_detector(config, sample_images, options)`` exported on ``sample_images`` (one
+    batch) to ``path``; returns (detector, test pipeline, path)."""
     from himoe_plugin.deploy.mmdet_export import export_onnx
 
-    detector, pipeline, sample = random_detector(config, sample_images)
+    detector, pipeline, sample = random_detector(config, sample_images, options)
     return detector, pipeline, export_onnx(detector, sample, path)
 
 
