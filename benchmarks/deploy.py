@@ -246,12 +246,17 @@ def latency_pair(models: Dict[str, Exported], inputs: dict, repeats: int, timer:
 
 
 def runtime_versions() -> Dict[str, str]:
+    import mmcv
+    import mmdet
     import onnx
     import onnxruntime
     import openvino
 
-    return dict(torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
-                openvino=openvino.__version__)
+    # The PyTorch reference's NMS and RoIAlign run mmcv's compiled ops (mmcv._ext).
+    compiled = getattr(sys.modules.get('mmcv._ext'), '__file__', None) is not None
+    return dict(torch=torch.__version__, mmcv=mmcv.__version__, mmdet=mmdet.__version__,
+                mmcv_ops='compiled' if compiled else 'stand-in', onnx=onnx.__version__,
+                onnxruntime=onnxruntime.__version__, openvino=openvino.__version__)
 
 
 def table_lines(payload: dict) -> List[str]:

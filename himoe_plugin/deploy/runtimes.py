@@ -99,12 +99,20 @@ class OpenVINODetector:
         model = core.read_model(str(path))
         self.compiled = core.compile_model(model, 'CPU', config)
         self.request = self.compiled.create_infer_request()
-        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        # An input tensor can carry several names (the graph input's and an internal one).
+        self.input_names = [set(port.get_names()) for port in self.compiled.inputs]
 
     def run(self, inputs: Mapping[str, object]) -> List[np.ndarray]:
         """The raw outputs (boxes, scores, labels, image_index) of one batch."""
         arrays = as_numpy(inputs)
-        results = self.request.infer({name: arrays[name] for name in self.input_names})
+        feed = {}
+        for index, names in enumerate(self.input_names):
+            found = names & set(arrays)
+            if not found:
+                raise KeyError(f'the graph input {sorted(names)} is not among the inputs given '
+                               f'({sorted(arrays)})')
+            feed[index] = arrays[found.pop()]
+        results = self.request.infer(feed)
         return [np.array(results[output]) for output in self.compiled.outputs]
 
     def __call__(self, inputs: Mapping[str, object]) -> List[Detections]:

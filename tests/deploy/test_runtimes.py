@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deploy_helpers import (DINO, FASTER_RCNN, as_detections, assert_same_detections,
+from deploy_helpers import (DINO, FASTER_RCNN, REPO_ROOT, as_detections, assert_same_detections,
                             export_calibrated, valid_images_by_size)
 
 from himoe_plugin.deploy.mmdet_export import (OUTPUTS, TWO_STAGE_INPUTS, eager_detections,
@@ -101,3 +101,18 @@ def test_dense_dino_exact_in_onnxruntime(tmp_path, two_sizes):
     runtime = OnnxRuntimeDetector(path)
     inputs, batch = prepare_inputs(detector, pipeline, [two_sizes[1]])
     assert_same_detections(runtime(inputs)[0], as_detections(eager_detections(detector, batch)[0]))
+
+
+def test_benchmarks_md_deploy_table_is_the_measured_one():
+    """docs/BENCHMARKS.md section 8 is benchmarks/deploy.py's table of results/deploy.json."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
+    from deploy import DOCS_END, DOCS_START, table_lines
+
+    payload = json.loads((REPO_ROOT / 'benchmarks' / 'results' / 'deploy.json').read_text())
+    text = (REPO_ROOT / 'docs' / 'BENCHMARKS.md').read_text()
+    table = text[text.index(DOCS_START) + len(DOCS_START):text.index(DOCS_END)].strip()
+    assert table == '\n'.join(table_lines(payload))
+    assert payload['images'] >= 1 and set(payload['results']) == {'faster_rcnn', 'dino'}
