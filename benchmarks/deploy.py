@@ -36,7 +36,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List
 
-import numpy as np
 import torch
 
 from detector import data_root
@@ -187,7 +186,6 @@ def main() -> None:
         args.images, args.repeats, args.batch = 4, 3, 0
     threads = args.threads or torch.get_num_threads()
 
-    import himoe_plugin.mmdet  # noqa: F401
     from himoe_plugin.deploy.mmdet_export import prepare_inputs
     groups = images_by_size(data_root())
     sample = groups[0][0]
