@@ -26,8 +26,8 @@ setup(
         "benchmarks": ["matplotlib", "tqdm"],
         # tools/analyze_routing.py and himoe_plugin.analysis (figures)
         "analysis": ["matplotlib", "tqdm"],
-        # tools/deploy: ONNX export (dynamo exporter: onnxscript) and ONNX Runtime
-        "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+        # tools/deploy: ONNX export (dynamo exporter: onnxscript), ONNX Runtime and OpenVINO
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3", "openvino>=2024.0"],
     },
     license="Apache-2.0",
     classifiers=[

@@ -3,9 +3,7 @@
 # object query goes to 2 of them, plus an always-on shared expert.
 # Everything else is the stock config. Start from a dense DINO checkpoint with
 #   --cfg-options load_from=<dense dino .pth>   (every expert = the dense FFN: upcycling)
-_base_ = 'mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py'
-
-custom_imports = dict(imports=['himoe_plugin.mmdet'], allow_failed_imports=False)
+_base_ = ['mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py', '../_base_/himoe_runtime.py']
 
 model = dict(
     type='HIMoEDINO',
@@ -25,6 +23,6 @@ model = dict(
         loss_router_z=dict(type='RouterZLoss', loss_weight=0.001),
         upcycle=dict(mode='copy', noise_std=0.0)))
 
-# Routing statistics (train/himoe/*) whenever the logger logs (its interval read at run time);
-# checkpoints that torch.load(weights_only=True) and mmdet's publish_model.py read as they are.
-custom_hooks = [dict(type='RoutingStatisticsHook'), dict(type='WeightsOnlyCheckpointHook')]
+# Compact `himoe:` console line; every routing statistic goes to the scalars file
+# (see ../_base_/himoe_runtime.py; a base cannot set it next to the stock runtime).
+log_processor = dict(type='HIMoELogProcessor')
