@@ -151,7 +151,7 @@ def test_split_upcycling_rejects_a_dense_ffn_that_experts_cannot_partition():
 def test_checkpoint_with_another_group_count_fails_naming_the_setting():
     saved = make_block(num_groups=4).state_dict()
     other = make_block(num_groups=2, scene_top_k=1)
-    other.router.key_of = lambda field: f"MODEL.HIMOE.{field.upper()}"
+    other.router.config_keys["num_groups"] = "MODEL.HIMOE.NUM_GROUPS"
     with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.NUM_GROUPS=2: the checkpoint's router "
                                              r"at 'router' chooses among 4 expert groups"):
         other.load_state_dict(saved)
@@ -214,7 +214,7 @@ def test_expert_backend_setting_reaches_the_experts_and_errors_name_its_key():
     block = make_block(expert_backend="loop")
     assert block.moe.experts.expert_backend == "loop"
     config = MoEConfig(num_experts=8, top_k=2, num_groups=4, scene_top_k=2, expert_backend="grouped_mm")
-    router = HierarchicalRouter(config, 12, 12, key_of=lambda f: f"MODEL.HIMOE.{f.upper()}")
+    router = HierarchicalRouter(config, 12, 12, config_keys={"expert_backend": "MODEL.HIMOE.EXPERT_BACKEND"})
     with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.EXPERT_BACKEND='grouped_mm': .*multiple of 8"):
         MoEBlock(router, [12, 20, 12])  # widths 12 and 20 are not 16-byte aligned rows
     grouped = MoEBlock(router, [16, 32, 16])
