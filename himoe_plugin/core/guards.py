@@ -36,23 +36,35 @@ def require_routing_inputs(head: nn.Module, error: Callable[[nn.Module], Excepti
 def check_block_checkpoint(block: "MoEBlock", state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
     """Fail, naming the setting, when the checkpoint's ``MoEBlock`` at ``prefix`` was built with
     settings that change a tensor's shape or presence: a checkpointer would otherwise skip those
-    tensors with a warning (or a bare size mismatch) and leave them random.
+    tensors with a warning (fvcore drops shape-mismatched ones before loading) and leave them
+    random.
 
-    Checked in order: the shared expert (``shared_expert``), the routers this block has (scene
-    router: ``route_once``; instance router: ``instance_router``), the instance router's input
-    width (``instance_uses_scene_probs``) and the experts' hidden widths (``expert_dim``).
-    Expert and group counts are left to their own guards (``MoEMLP``, ``HierarchicalRouter``),
-    and a state without this block's keys, or with dense layers being upcycled, passes.
+    Read from the records the block saves (``moe.expert_dims``, ``router.instance_routing``)
+    and from which tensors the checkpoint has: the experts' hidden widths (``expert_dim``),
+    the shared expert (``shared_expert``), the instance router (``instance_router``,
+    ``instance_uses_scene_probs``) and whether this block routes its scene itself
+    (``route_once``). Expert and group counts are left to their own guards (``MoEMLP``,
+    ``HierarchicalRouter``). A state without this block's experts passes.
     """
     router, moe, config = block.router, block.moe, block.config
-    experts_key = prefix + "moe.experts.weights.0"
     saved_experts = state_dict.get(prefix + "moe.num_experts")
     saved_groups = saved_group_count(state_dict, prefix + "router.")
-    if experts_key not in state_dict or (saved_experts is not None and int(saved_experts) != config.num_experts):
-        return
-    if saved_groups is not None and saved_groups != config.groups:
+    if (saved_experts is not None and int(saved_experts) != config.num_experts) or (
+        saved_groups is not None and saved_groups != config.groups
+    ):
         return
     where = f"the checkpoint's MoE block at '{prefix[:-1]}'"
+    saved_dims = state_dict.get(prefix + "moe.expert_dims")
+    if saved_dims is not None and saved_dims.tolist() != list(moe.dims):
+        saved_dims = saved_dims.tolist()
+        same_ends = len(saved_dims) == len(moe.dims) and (saved_dims[0], saved_dims[-1]) == (moe.dims[0], moe.dims[-1])
+        raise MoEConfigError(
+            router.key("expert_dim"), list(moe.dims[1:-1]),
+            f"{where} has experts of widths {saved_dims} but this model's are {list(moe.dims)}; "
+            + ("set it to match the checkpoint" if same_ends else "the box head's fc layers differ"),
+        )
+    if not any(k.startswith(prefix + "moe.experts.") for k in state_dict):
+        return
     saved_shared = any(k.startswith(prefix + "moe.shared.") for k in state_dict)
     if saved_shared != (moe.shared is not None):
         raise MoEConfigError(
@@ -62,52 +74,32 @@ def check_block_checkpoint(block: "MoEBlock", state_dict: Mapping[str, torch.Ten
         )
     if saved_groups is not None:  # routers saved (upcycling from a dense checkpoint saves none)
         _check_router_parts(router, state_dict, prefix + "router.", where)
-    saved_dims = [state_dict[prefix + f"moe.experts.weights.{i}"].shape
-                  for i in range(len(moe.experts.weights)) if prefix + f"moe.experts.weights.{i}" in state_dict]
-    model_dims = [w.shape for w in moe.experts.weights]
-    if saved_dims != model_dims and len(saved_dims) == len(model_dims) and all(
-        s[0] == m[0] for s, m in zip(saved_dims, model_dims)
-    ) and saved_dims[0][2] == model_dims[0][2] and saved_dims[-1][1] == model_dims[-1][1]:
-        raise MoEConfigError(
-            router.key("expert_dim"), list(moe.dims[1:-1]),
-            f"{where} has experts of hidden widths {[int(s[1]) for s in saved_dims[:-1]]} but this "
-            f"model's are {list(moe.dims[1:-1])}; set it to match the checkpoint",
-        )
 
 
 def _check_router_parts(router: "HierarchicalRouter", state_dict: Mapping[str, torch.Tensor],
                         prefix: str, where: str) -> None:
     config = router.config
+    saved = state_dict.get(prefix + "instance_routing")
+    if saved is not None:
+        saved_router, saved_scene_probs = (bool(v) for v in saved.tolist())
+        if saved_router != config.instance_router:
+            raise MoEConfigError(
+                router.key("instance_router"), config.instance_router,
+                f"{where} routes {'every instance' if saved_router else 'on the scene alone'} "
+                f"(instance_router={saved_router}); set it to match the checkpoint",
+            )
+        if saved_router and saved_scene_probs != config.instance_uses_scene_probs:
+            raise MoEConfigError(
+                router.key("instance_uses_scene_probs"), config.instance_uses_scene_probs,
+                f"{where} has an instance router that {'sees' if saved_scene_probs else 'does not see'} "
+                "the scene probabilities; set it to match the checkpoint",
+            )
     saved_scene = prefix + "scene_router.weight" in state_dict
-    saved_instance = state_dict.get(prefix + "instance_router.weight")
     if saved_scene != (router.scene_router is not None):
         raise MoEConfigError(
             router.key("route_once"), router.reused or "",
             f"{where} {'routes its scene itself' if saved_scene else 'reuses the routing of stage 0'}"
             f" but this model's {'reuses that of stage 0' if router.reused else 'routes itself'} "
-            "(a later cascade stage of a model that routes once has no scene router); set it to "
-            "match the checkpoint",
-        )
-    if (saved_instance is not None) != (router.instance_router is not None):
-        if router.reused or not saved_scene:
-            raise MoEConfigError(
-                router.key("route_once"), router.reused or "",
-                f"{where} {'has' if saved_instance is not None else 'has no'} instance router, this "
-                "model's the opposite (reusing stage 0's whole routing drops it); set it to match "
-                "the checkpoint",
-            )
-        raise MoEConfigError(
-            router.key("instance_router"), config.instance_router,
-            f"{where} {'has' if saved_instance is not None else 'has no'} instance router but this "
-            "model's the opposite (scene-only routing has none); set it to match the checkpoint",
-        )
-    if saved_instance is None:
-        return
-    saved_width, width = int(saved_instance.shape[1]), router.instance_router.in_features
-    if saved_width != width and abs(saved_width - width) == config.groups:
-        raise MoEConfigError(
-            router.key("instance_uses_scene_probs"), config.instance_uses_scene_probs,
-            f"{where} has an instance router that {'sees' if saved_width > width else 'does not see'}"
-            f" the scene probabilities ({saved_width} inputs, this model's {width}); set it to "
+            "(later cascade stages of a model that routes once have no scene router); set it to "
             "match the checkpoint",
         )

@@ -34,9 +34,9 @@ class HierarchicalRouter(nn.Module):
     routing starts near-uniform whatever the scale of detection features.
     All router math runs in float32, also under autocast.
 
-    ``num_groups`` is saved as a buffer: loading a checkpoint routed over another number of
-    groups fails naming the setting, instead of a checkpointer silently skipping the
-    shape-mismatched router weights.
+    ``num_groups`` and ``instance_routing`` (``[instance_router, instance_uses_scene_probs]``)
+    are saved as buffers: loading a checkpoint routed otherwise fails naming the setting,
+    instead of a checkpointer silently skipping the shape-mismatched router weights.
 
     Args:
         config: the validated settings.
@@ -71,6 +71,12 @@ class HierarchicalRouter(nn.Module):
             persistent=False,
         )
         self.register_buffer("num_groups", torch.tensor(config.groups), persistent=True)
+        # What the instance router is (the guard of ``MoEBlock`` names the setting on a mismatch).
+        self.register_buffer(
+            "instance_routing",
+            torch.tensor([int(config.instance_router), int(config.instance_uses_scene_probs)]),
+            persistent=True,
+        )
         self.reused = ""
         self.reset_parameters()
 
@@ -227,8 +233,9 @@ class HierarchicalRouter(nn.Module):
                 f"groups but this model's among {self.config.groups}; set it to match the "
                 "checkpoint (0 means one group per expert)",
             )
-        if key not in state_dict:  # checkpoints written before the buffer existed
+        if key not in state_dict:  # checkpoints written before the buffers existed
             state_dict[key] = self.num_groups.clone()
+        state_dict.setdefault(prefix + "instance_routing", self.instance_routing.clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
