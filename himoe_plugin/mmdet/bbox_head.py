@@ -16,6 +16,7 @@ from ..core import (FCBlockLayout, MoEConfig, MoEConfigError, Routing, SceneRout
                     build_fc_experts, check_noise_std, init_fc_experts, load_fc_block,
                     require_routing_inputs, run_fc_block)
 from .moe_settings import build_router, build_routing_losses, routing_losses
+from .support import SUPPORTED_DETECTORS
 
 #: How errors name the head's settings (its place in a Faster R-CNN config).
 HEAD_KEY = 'roi_head.bbox_head'
@@ -26,13 +27,6 @@ ROI_INDEX = 'roi_index'
 
 #: Arguments only dense (one-stage) heads take: an MoE bbox head built in their place.
 DENSE_HEAD_ARGS = ('anchor_generator', 'prior_generator', 'stacked_convs', 'feat_channels')
-
-#: What the MMDetection adapter supports, for errors about the rest.
-SUPPORTED_DETECTORS = (
-    "HI-MoE supports two-stage detectors with RoI heads (Faster/Mask R-CNN: roi_head.type="
-    "'InstanceMoERoIHead'; Cascade (Mask) R-CNN: 'InstanceMoECascadeRoIHead') and the DETR family "
-    "(type='HIMoEDETR', 'HIMoEDeformableDETR', 'HIMoEDINO')")
-
 
 @MODELS.register_module()
 class MoEConvFCBBoxHead(ConvFCBBoxHead):
