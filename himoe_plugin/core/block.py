@@ -1,8 +1,8 @@
-"""``MoEBlock``: one HI-MoE layer, route -> dispatch -> experts (+ shared) -> losses -> statistics.
+"""``MoEBlock``: one HI-MoE layer, route -> dispatch -> experts (+ shared) -> statistics.
 
 Every framework adapter (box heads, DETR FFNs) wraps this block and only translates shapes and
-configs: the router, the experts, the auxiliary losses, the statistics meter, the expert-count
-and group-count guards and upcycling all live here.
+configs: the router, the experts, the statistics meter, the checkpoint guards and upcycling all
+live here.
 """
 from __future__ import annotations
 

@@ -188,7 +188,7 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
         if roi.shape[0] == 0:
             results = super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta,
                                                       rescale, rcnn_test_cfg)
-            results[ROI_INDEX] = roi.new_zeros(0, dtype=torch.long)
+            setattr(results, ROI_INDEX, roi.new_zeros(0, dtype=torch.long))
             return results
         raw = super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta, rescale, None)
         per_roi = 1 if bbox_pred is None or self.reg_class_agnostic else self.num_classes
@@ -197,7 +197,7 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
             rcnn_test_cfg.max_per_img, box_dim=raw.bboxes.shape[1] // per_roi, return_inds=True)
         results = InstanceData(bboxes=det_bboxes[:, :-1], scores=det_bboxes[:, -1],
                                labels=det_labels)
-        results[ROI_INDEX] = kept // (raw.scores.shape[1] - 1)
+        setattr(results, ROI_INDEX, kept // (raw.scores.shape[1] - 1))
         return results
 
     def routing_losses(self, routing: Routing) -> Dict[str, Tensor]:

@@ -2,7 +2,7 @@
 image's neck features for the scene router, derive its super-class targets, check its settings."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from mmdet.structures import SampleList
