@@ -45,23 +45,31 @@ def test_mmdet_head_loads_a_pre_block_checkpoint_and_reproduces_its_output():
     torch.testing.assert_close(bbox_pred, saved["bbox_pred"], rtol=1e-6, atol=1e-6)
 
 
-def test_a_pre_block_checkpoint_with_another_group_count_fails_naming_the_key():
-    """Legacy checkpoints hold no group-count record: the scene router's shape tells it. Before,
-    Detectron2 failed on a bare size mismatch and MMDetection loaded random routers."""
+#: The fixture's heads route among 2 groups; these settings among 4 (as many as experts).
+FOUR_GROUPS = dict(ROUTER, num_groups=0, scene_top_k=2)
+
+
+def test_a_pre_block_detectron2_checkpoint_with_another_group_count_fails_naming_the_key():
+    """Legacy checkpoints hold no group-count record: the scene router's shape tells it (before,
+    Detectron2 failed on a bare size mismatch)."""
     from detectron2.layers import ShapeSpec
 
     from himoe_plugin.core import MoEConfig
     from himoe_plugin.detectron2 import MoEConvFCBoxHead
-    from himoe_plugin.mmdet import MoEShared2FCBBoxHead
 
-    four_groups = dict(ROUTER, num_groups=0, scene_top_k=2)  # the fixture's heads have 2 groups
-    d2 = MoEConvFCBoxHead(ShapeSpec(channels=8, height=2, width=2), conv_dims=[], fc_dims=[16, 16],
-                          moe_config=MoEConfig(shared_expert=True, **four_groups))
+    head = MoEConvFCBoxHead(ShapeSpec(channels=8, height=2, width=2), conv_dims=[], fc_dims=[16, 16],
+                            moe_config=MoEConfig(shared_expert=True, **FOUR_GROUPS))
     with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.NUM_GROUPS=0: the checkpoint's router at "
                                              r"'moe_block\.router' chooses among 2 expert groups"):
-        d2.load_state_dict(dict(LEGACY["detectron2"]["state_dict"]), strict=False)
-    mm = MoEShared2FCBBoxHead(in_channels=8, roi_feat_size=2, fc_out_channels=16, num_classes=3,
-                              shared_expert=True, router=dict(type='HierarchicalRouter', **four_groups))
+        head.load_state_dict(dict(LEGACY["detectron2"]["state_dict"]), strict=False)
+
+
+def test_a_pre_block_mmdet_checkpoint_with_another_group_count_fails_naming_the_key():
+    """Before, MMDetection's non-strict loading skipped the routers and left them random."""
+    from himoe_plugin.mmdet import MoEShared2FCBBoxHead
+
+    head = MoEShared2FCBBoxHead(in_channels=8, roi_feat_size=2, fc_out_channels=16, num_classes=3,
+                                shared_expert=True, router=dict(type='HierarchicalRouter', **FOUR_GROUPS))
     with pytest.raises(MoEConfigError, match=r"^roi_head\.bbox_head\.router\.num_groups=0: the checkpoint's "
                                              r"router at 'moe_block\.router' chooses among 2"):
-        mm.load_state_dict(dict(LEGACY["mmdet"]["state_dict"]), strict=False)
+        head.load_state_dict(dict(LEGACY["mmdet"]["state_dict"]), strict=False)
