@@ -1,8 +1,8 @@
-"""``MoEBlock``: one HI-MoE layer, route -> dispatch -> experts (+ shared) -> losses -> statistics.
+"""``MoEBlock``: one HI-MoE layer, route -> dispatch -> experts (+ shared) -> statistics.
 
 Every framework adapter (box heads, DETR FFNs) wraps this block and only translates shapes and
-configs: the router, the experts, the auxiliary losses, the statistics meter, the expert-count
-and group-count guards and upcycling all live here.
+configs: the router, the experts, the statistics meter, the checkpoint guards and upcycling all
+live here.
 """
 from __future__ import annotations
 
@@ -12,17 +12,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import MoEConfig, MoEConfigError, check_route_once
+from .config import MoEConfig
 from .experts import MoEMLP
 from .export_dispatch import exporting
-from .router import HierarchicalRouter, Routing, SceneRouting
+from .guards import check_block_checkpoint
+from .router import HierarchicalRouter
+from .routing import Routing, SceneRouting
 from .stats import RoutingStatsMeter
 from .upcycle import upcycle_state_dict
 
 logger = logging.getLogger("himoe_plugin")
-
-#: Prefix of every routing statistic the adapters log (``himoe/<scope>/<name>``).
-STATS_PREFIX = "himoe/"
 
 #: Warn when the capacity limit drops more than this fraction of a step's assignments.
 DROP_WARNING_FRACTION = 0.5
@@ -40,7 +39,7 @@ class MoEBlock(nn.Module):
 
     Args:
         router: the hierarchical router; its ``config`` sets the experts (count, shared expert)
-            and its ``key_of`` names settings in errors.
+            and its ``config_keys`` name settings in errors.
         dims: expert MLP widths ``[in, hidden..., out]``.
         activate_output: ReLU after the experts' last layer (box-head fc layers) or not
             (transformer FFNs).
@@ -68,11 +67,11 @@ class MoEBlock(nn.Module):
             shared_expert=config.shared_expert,
             shared_expert_weight=config.shared_expert_weight,
             activate_output=activate_output,
-            num_experts_key=router.key_of("num_experts"),
+            num_experts_key=router.key("num_experts"),
             shared_dims=shared_dims,
             hidden_dropout=hidden_dropout,
             expert_backend=config.expert_backend,
-            expert_backend_key=router.key_of("expert_backend"),
+            expert_backend_key=router.key("expert_backend"),
         )
         self.stats_scope = stats_scope
         self.statistics = RoutingStatsMeter()
@@ -160,6 +159,10 @@ class MoEBlock(nn.Module):
             for key in [k for k in state_dict if k.startswith(old)]:
                 state_dict[f"{owner_prefix}{block_name}.{child}{key[len(old):]}"] = state_dict.pop(key)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        check_block_checkpoint(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _warn_if_dropping(self, routing: Routing) -> None:
         self._steps_since_drop_warning += 1
         plan = routing.plan
@@ -174,73 +177,5 @@ class MoEBlock(nn.Module):
                 "step; dropped assignments contribute nothing. Raise %s=%s (0 = dropless).",
                 f" {self.stats_scope}" if self.stats_scope else "",
                 plan.num_dropped, routed, 100 * fraction,
-                self.router.key_of("capacity_factor"), self.config.capacity_factor,
+                self.router.key("capacity_factor"), self.config.capacity_factor,
             )
-
-
-def collect_routing_statistics(model: nn.Module, prefix: str = STATS_PREFIX) -> Dict[str, float]:
-    """Mean routing statistics of every ``MoEBlock`` in ``model`` since the last call (then reset).
-
-    Names are ``<prefix><scope>/<stat>`` (vectors: ``.../<stat>/<index>``), where the scope is the
-    block's ``stats_scope``, else its module path; a model with one unscoped block gets no scope
-    (``himoe/expert_load/0``). Blocks that saw no training step since the last call are skipped.
-    Besides the meter's statistics, every block reports ``load_max`` and ``load_min``: the
-    largest and smallest entry of its mean ``expert_load`` (the compact summary consoles show).
-    """
-    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, MoEBlock)]
-    out: Dict[str, float] = {}
-    for name, block in blocks:
-        scope = block.stats_scope or (name if len(blocks) > 1 else "")
-        block_prefix = f"{prefix}{scope}/" if scope else prefix
-        stats = block.statistics.summary(block_prefix)
-        loads = [value for key, value in stats.items() if key.startswith(f"{block_prefix}expert_load/")]
-        if loads:
-            stats[f"{block_prefix}load_max"] = max(loads)
-            stats[f"{block_prefix}load_min"] = min(loads)
-        out.update(stats)
-    return out
-
-
-def link_cascade_stages(blocks: Sequence[MoEBlock], route_once: Optional[str], key: str) -> str:
-    """Prepare the ``MoEBlock`` of every stage of a cascade (stage 0 first): statistics scopes
-    ``stage<k>``, and with ``route_once`` the later stages' routers reuse stage 0's routing
-    (``HierarchicalRouter.reuse_routing``), which needs the same experts and groups in every
-    stage. Returns the checked ``route_once`` (``ROUTE_ONCE_MODES``); errors name ``key``."""
-    mode = check_route_once(route_once, key)
-    first = blocks[0].config
-    for stage, block in enumerate(blocks):
-        block.stats_scope = f"stage{stage}"
-        config = block.config
-        if mode and (config.groups, config.num_experts) != (first.groups, first.num_experts):
-            raise MoEConfigError(
-                key, route_once,
-                f"stage {stage} has {config.num_experts} experts in {config.groups} groups, stage 0 "
-                f"{first.num_experts} in {first.groups}: reusing stage 0's routing needs the same",
-            )
-        if stage > 0 and mode:
-            block.router.reuse_routing(mode)
-    return mode
-
-
-#: Statistics of the compact console summary (``format_routing_summary``), in order.
-SUMMARY_STATISTICS = ("load_max", "load_min", "routing_entropy", "dropped_fraction")
-
-
-def format_routing_summary(statistics: Dict[str, float], prefix: str = STATS_PREFIX) -> str:
-    """One line per MoE layer scope, e.g. ``himoe: load max 0.210 min 0.052  routing_entropy 1.021
-    dropped_fraction 0.000``, from the flat names ``collect_routing_statistics`` writes; '' if
-    there are none."""
-    scopes: Dict[str, Dict[str, float]] = {}
-    for key, value in statistics.items():
-        scope, _, stat = key[len(prefix):].rpartition("/")
-        if key.startswith(prefix) and stat in SUMMARY_STATISTICS:
-            scopes.setdefault(scope, {})[stat] = value
-    lines = []
-    for scope, stats in scopes.items():
-        parts = []
-        if "load_max" in stats and "load_min" in stats:
-            parts.append(f"load max {stats['load_max']:.3f} min {stats['load_min']:.3f}")
-        parts += [f"{stat} {stats[stat]:.3f}" for stat in SUMMARY_STATISTICS[2:] if stat in stats]
-        lines.append(f"{prefix}{scope}: " if scope else f"{prefix.rstrip('/')}: ")
-        lines[-1] += "  ".join(parts)
-    return "\n".join(lines)

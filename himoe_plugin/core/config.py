@@ -27,18 +27,21 @@ class MoEConfigError(ValueError):
         return MoEConfigError(key_of(self.key), self.value, self.reason)
 
 
-#: ``route_once`` of cascade ROI heads: ``""`` every stage routes its RoIs itself; ``"scene"``
-#: the later stages reuse stage 0's scene subsets; ``"instance"`` they reuse its whole routing
-#: (each RoI keeps its experts through the stage-wise box refinement).
-ROUTE_ONCE_MODES = ("", "scene", "instance")
+def check_int(value: Any, key: str, minimum: int) -> int:
+    """``value`` as an integer >= ``minimum`` (booleans are not integers); errors name ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MoEConfigError(key, value, f"must be an integer >= {minimum}")
+    return value
 
 
-def check_route_once(value: Any, key: str) -> str:
-    """``value`` as one of ``ROUTE_ONCE_MODES`` (None means ``""``); errors name ``key``."""
-    mode = "" if value is None else value
-    if mode not in ROUTE_ONCE_MODES:
-        raise MoEConfigError(key, value, f"must be one of {ROUTE_ONCE_MODES} (or None for '')")
-    return mode
+def check_number(value: Any, key: str, minimum: float, inclusive: bool = True) -> float:
+    """``value`` as a finite float ``>= minimum`` (``> minimum`` unless ``inclusive``); errors
+    name ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MoEConfigError(key, value, "must be a finite number")
+    if value < minimum or (not inclusive and value == minimum):
+        raise MoEConfigError(key, value, f"must be {'>=' if inclusive else '>'} {minimum}")
+    return float(value)
 
 
 def check_noise_std(value: Any, key: str) -> float:
@@ -92,7 +95,10 @@ class MoEConfig:
     same experts); ``num_groups=1`` routes on the instance alone (token-level routing).
     ``expert_backend`` picks how the experts' matmuls run: ``auto`` (torch's grouped GEMM where
     it is a real grouped kernel, CUDA sm90/sm100 in bfloat16; a loop of matmuls elsewhere),
-    ``loop`` or ``grouped_mm`` (forced).
+    ``loop`` or ``grouped_mm`` (forced). ``capacity_factor`` > 0 caps the assignments each
+    expert takes in training (the least confident beyond the cap are dropped);
+    ``eval_capacity_factor`` does the same at inference, where it is 0 (dropless) by default, so
+    that an image's predictions never depend on the other images of its batch.
     """
 
     num_experts: int = 8
@@ -107,6 +113,7 @@ class MoEConfig:
     shared_expert: bool = False
     shared_expert_weight: float = 0.5
     capacity_factor: float = 0.0
+    eval_capacity_factor: float = 0.0
     balance_loss_weight: float = 0.01
     scene_balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
@@ -150,6 +157,7 @@ class MoEConfig:
         if self.shared_expert_weight >= 1.0:
             self._fail("shared_expert_weight", "must be < 1 (routed experts get 1 - weight)")
         self._check_float("capacity_factor", minimum=0.0)
+        self._check_float("eval_capacity_factor", minimum=0.0)
         for name in (
             "balance_loss_weight",
             "scene_balance_loss_weight",
@@ -176,11 +184,13 @@ class MoEConfig:
         """Number of experts eligible for the instances of one image."""
         return self.scene_top_k * self.experts_per_group
 
-    def capacity(self, num_instances: int) -> int:
-        """Per-expert capacity for ``num_instances`` instances; 0 means dropless."""
-        if self.capacity_factor == 0.0:
+    def capacity(self, num_instances: int, training: bool = True) -> int:
+        """Per-expert capacity for ``num_instances`` instances in training (``capacity_factor``)
+        or at inference (``eval_capacity_factor``); 0 means dropless."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        if factor == 0.0:
             return 0
-        return max(1, math.ceil(self.capacity_factor * num_instances * self.top_k / self.num_experts))
+        return max(1, math.ceil(factor * num_instances * self.top_k / self.num_experts))
 
     @classmethod
     def from_mapping(
@@ -200,15 +210,7 @@ class MoEConfig:
         raise MoEConfigError(name, getattr(self, name), reason)
 
     def _check_int(self, name: str, minimum: int) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self._fail(name, "must be an integer")
-        if value < minimum:
-            self._fail(name, f"must be >= {minimum}")
+        check_int(getattr(self, name), name, minimum)
 
     def _check_float(self, name: str, minimum: float, inclusive: bool = True) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self._fail(name, "must be a finite number")
-        if value < minimum or (not inclusive and value == minimum):
-            self._fail(name, f"must be {'>=' if inclusive else '>'} {minimum}")
+        check_number(getattr(self, name), name, minimum, inclusive)

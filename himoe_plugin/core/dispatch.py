@@ -13,18 +13,18 @@ from .export_dispatch import exporting, export_dispatch_plan
 class DispatchPlan:
     """Which instance rows every expert processes, in expert order.
 
-    ``A`` is the number of kept assignments (``N * k`` minus dropped ones).
+    ``A`` is the number of assignments run (``N * k`` minus those the capacity limit dropped).
 
     Attributes:
         num_instances: N, rows of the input.
-        instance_index: (A,) long, input row of each kept assignment, grouped by expert.
-        slot: (A,) long, ``row * k + choice`` of each kept assignment: where its weighted
+        instance_index: (A,) long, input row of each assignment run, grouped by expert.
+        slot: (A,) long, ``row * k + choice`` of each assignment run: where its weighted
             output goes in the (N, k) grid that is summed over k to combine.
-        combine_weight: (A,) float32, the routing weight each kept assignment is scaled by.
-        rows_per_expert: length-E list of ints, how many kept assignments each expert gets
+        combine_weight: (A,) float32, the routing weight each assignment run is scaled by.
+        rows_per_expert: length-E list of ints, how many assignments each expert runs
             (a host list: splitting by it is the one host sync of the dispatch).
         expert_counts: (E,) long, ``rows_per_expert`` on the device (for grouped GEMMs).
-        kept: (N, k) bool, which of the routed assignments survived the capacity limit.
+        within_capacity: (N, k) bool, which of the routed assignments the capacity limit let run.
         num_dropped: how many assignments the capacity limit dropped (a host int).
     """
 
@@ -35,7 +35,7 @@ class DispatchPlan:
     combine_weight: torch.Tensor
     rows_per_expert: List[int]
     expert_counts: torch.Tensor
-    kept: torch.Tensor
+    within_capacity: torch.Tensor
     num_dropped: int = 0
 
     @property
@@ -74,13 +74,13 @@ def build_dispatch_plan(
         first_of_expert = torch.cumsum(per_expert, 0) - per_expert
         rank_in_expert = torch.arange(order.numel(), device=device) - first_of_expert[sorted_expert]
         keep_sorted = rank_in_expert < capacity
-        kept = torch.zeros_like(flat_expert, dtype=torch.bool)
-        kept[order[keep_sorted]] = True
+        within_capacity = torch.zeros_like(flat_expert, dtype=torch.bool)
+        within_capacity[order[keep_sorted]] = True
         order = order[keep_sorted]
         expert_counts = per_expert.clamp_max(capacity)
     else:
         order = torch.argsort(flat_expert, stable=True)
-        kept = torch.ones_like(flat_expert, dtype=torch.bool)
+        within_capacity = torch.ones_like(flat_expert, dtype=torch.bool)
         expert_counts = torch.bincount(flat_expert, minlength=num_experts)
     rows_per_expert = expert_counts.tolist()
     return DispatchPlan(
@@ -91,6 +91,6 @@ def build_dispatch_plan(
         combine_weight=combine_weight.reshape(-1)[order],
         rows_per_expert=rows_per_expert,
         expert_counts=expert_counts,
-        kept=kept.view(num_instances, top_k),
+        within_capacity=within_capacity.view(num_instances, top_k),
         num_dropped=num_instances * top_k - sum(rows_per_expert),
     )

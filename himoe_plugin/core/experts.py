@@ -189,6 +189,8 @@ class MoEMLP(nn.Module):
         # Saved with checkpoints so that loading one with another expert count fails clearly
         # (checkpointers that skip shape-mismatched tensors would otherwise only warn).
         self.register_buffer("num_experts", torch.tensor(num_experts), persistent=True)
+        # Likewise the widths [in, hidden..., out] (the guard of ``MoEBlock`` names the setting).
+        self.register_buffer("expert_dims", torch.tensor(self.dims), persistent=True)
 
     @property
     def dims(self) -> Tuple[int, ...]:
@@ -213,6 +215,9 @@ class MoEMLP(nn.Module):
                     f"Set {self.num_experts_key}={saved} to load it, or start from a dense "
                     "checkpoint to upcycle."
                 )
+        # Checkpoints written before the record existed (or upcycled from dense layers, checked
+        # against the experts' shapes) hold none: the model's own.
+        state_dict.setdefault(prefix + "expert_dims", self.expert_dims.clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

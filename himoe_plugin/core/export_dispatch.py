@@ -47,13 +47,13 @@ class ExportDispatchPlan:
     Attributes:
         expert_index: (N, k) long, experts of every instance.
         combine_weight: (N, k) float, their routing weights.
-        kept: (N, k) bool, all True (exports are dropless).
+        within_capacity: (N, k) bool, all True (exports are dropless).
         num_experts: E.
     """
 
     expert_index: torch.Tensor
     combine_weight: torch.Tensor
-    kept: torch.Tensor
+    within_capacity: torch.Tensor
     num_experts: int
     num_dropped: int = 0
 
@@ -66,7 +66,7 @@ def export_dispatch_plan(
     return ExportDispatchPlan(
         expert_index=expert_index,
         combine_weight=combine_weight,
-        kept=torch.ones_like(expert_index, dtype=torch.bool),
+        within_capacity=torch.ones_like(expert_index, dtype=torch.bool),
         num_experts=num_experts,
     )
 

@@ -1,124 +1,23 @@
-"""Hierarchical router: scene-level expert subsets, then instance-level top-k inside them."""
+"""Hierarchical router (gating math only): scene-level expert subsets, then instance-level top-k
+inside them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accounting import LOSS_SCENE_SUPERVISION, account_routing
 from .config import MoEConfig, MoEConfigError
-from .dispatch import DispatchPlan, build_dispatch_plan
-from .distributed import global_sum
+from .dispatch import build_dispatch_plan
 from .export_dispatch import exporting
-from .losses import logsumexp_squared_sum, scene_supervision_loss, switch_balance_loss
-
-LOSS_BALANCE = "loss_moe_balance"
-LOSS_SCENE_BALANCE = "loss_moe_scene_balance"
-LOSS_Z = "loss_moe_z"
-LOSS_SCENE_SUPERVISION = "loss_moe_scene_supervision"
-
-
-@dataclass
-class SceneRouting:
-    """Scene-level routing of B images over G expert groups (all float32).
-
-    Attributes:
-        logits: (B, G) scene-router logits (with training noise, before the temperature).
-        log_probs: (B, G) log of the scene distribution.
-        groups: (B, k_s) long, groups kept for each image, best first.
-        kept: (B, G) bool, the same as a mask.
-        eligible: (B, E) bool, experts inside each image's subset.
-    """
-
-    logits: torch.Tensor
-    log_probs: torch.Tensor
-    groups: torch.Tensor
-    kept: torch.Tensor
-    eligible: torch.Tensor
-
-    @property
-    def probs(self) -> torch.Tensor:
-        return self.log_probs.exp()
-
-
-@dataclass
-class Routing:
-    """Routing of N instances from B images over E experts in G groups.
-
-    Attributes:
-        expert_index: (N, k) long, chosen experts per instance, best first.
-        combine_weight: (N, k) float32, renormalised over the k choices; 0 where the
-            assignment was dropped by the capacity limit.
-        instance_probs: (N, E) float32, routing distribution over the image's eligible
-            experts (0 elsewhere).
-        scene_probs: (B, G) float32, scene-router distribution over groups.
-        scene_groups: (B, k_s) long, groups kept for each image.
-        eligible: (B, E) bool, experts inside each image's subset.
-        plan: how to run the experts sparsely.
-        scene: the scene-level routing (reusable by a later router, see ``forward``).
-        losses: weighted auxiliary losses, keys start with ``loss_`` (training only).
-        statistics: detached tensors for logging (global over ranks when configured).
-    """
-
-    expert_index: torch.Tensor
-    combine_weight: torch.Tensor
-    instance_probs: torch.Tensor
-    scene_probs: torch.Tensor
-    scene_groups: torch.Tensor
-    eligible: torch.Tensor
-    plan: DispatchPlan
-    scene: SceneRouting
-    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    statistics: Dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def select(self, rows: torch.Tensor) -> "Routing":
-        """The routing of the instances ``rows`` (M,) long, in that order, with its own dispatch
-        plan: e.g. the RoIs a cascade stage keeps of the previous stage's. Assignments the
-        capacity limit dropped keep weight 0; losses and statistics stay with this routing."""
-        expert_index = self.expert_index[rows]
-        combine_weight = self.combine_weight[rows]
-        plan = build_dispatch_plan(
-            expert_index, combine_weight, combine_weight, self.plan.num_experts, capacity=0
-        )
-        return Routing(
-            expert_index=expert_index,
-            combine_weight=combine_weight,
-            instance_probs=self.instance_probs[rows],
-            scene_probs=self.scene_probs,
-            scene_groups=self.scene_groups,
-            eligible=self.eligible,
-            plan=plan,
-            scene=self.scene,
-        )
-
+from .losses import scene_supervision_loss
+from .routing import Routing, SceneRouting
 
 #: What a router can take from another router instead of computing it (``reuse_routing``): the
 #: scene subsets, or the whole routing of every instance (its scene subset and its experts).
 REUSABLE_PARTS = ("scene", "instance")
-
-
-def stage_reuse(
-    route_once: str, stage: int, routings: Sequence[Routing], rows: Optional[torch.Tensor]
-) -> Dict[str, object]:
-    """How stage ``stage`` of a cascade that routes once reuses the earlier stages' routing:
-    the keyword arguments of its ``MoEBlock`` (``scene=`` or ``routing=``; none for stage 0 or
-    ``route_once=""``).
-
-    Args:
-        route_once: ``""``, ``"scene"`` or ``"instance"`` (``ROUTE_ONCE_MODES``).
-        stage: the stage about to run.
-        routings: the routings of the stages run so far, stage 0 first.
-        rows: (M,) long, the previous stage's RoIs the M RoIs of this stage come from (training
-            drops or resamples them); None: the same RoIs, in the same order.
-    """
-    if stage == 0 or not route_once:
-        return {}
-    if route_once == "scene":
-        return {"scene": routings[0].scene}
-    previous = routings[-1]
-    return {"routing": previous if rows is None else previous.select(rows)}
 
 
 class HierarchicalRouter(nn.Module):
@@ -136,9 +35,17 @@ class HierarchicalRouter(nn.Module):
     routing starts near-uniform whatever the scale of detection features.
     All router math runs in float32, also under autocast.
 
-    ``num_groups`` and ``num_experts`` are saved as buffers: loading a checkpoint routed over
-    another number of groups or experts fails naming the setting (``key_of(field)``), instead
-    of a checkpointer silently skipping the shape-mismatched router weights.
+    ``num_groups`` and ``instance_routing`` (``[instance_router, instance_uses_scene_probs]``)
+    are saved as buffers: loading a checkpoint routed otherwise fails naming the setting,
+    instead of a checkpointer silently skipping the shape-mismatched router weights.
+
+    Args:
+        config: the validated settings.
+        scene_dim / instance_dim: widths of the scene features (B, C_scene) and of what the
+            instance router sees (N, C_inst).
+        config_keys: how the user's config names the settings (``MoEConfig`` fields and the
+            adapter settings ``expert_dim``, ``route_once``), for errors; missing names are
+            shown as they are.
     """
 
     def __init__(
@@ -146,11 +53,11 @@ class HierarchicalRouter(nn.Module):
         config: MoEConfig,
         scene_dim: int,
         instance_dim: int,
-        key_of: Callable[[str], str] = str,
+        config_keys: Optional[Mapping[str, str]] = None,
     ):
         super().__init__()
         self.config = config
-        self.key_of = key_of
+        self.config_keys: Dict[str, str] = dict(config_keys or {})
         self.scene_norm = nn.LayerNorm(scene_dim, elementwise_affine=False)
         self.scene_router = nn.Linear(scene_dim, config.groups)
         self.instance_norm: Optional[nn.LayerNorm] = None
@@ -165,8 +72,18 @@ class HierarchicalRouter(nn.Module):
             persistent=False,
         )
         self.register_buffer("num_groups", torch.tensor(config.groups), persistent=True)
+        # What the instance router is (the guard of ``MoEBlock`` names the setting on a mismatch).
+        self.register_buffer(
+            "instance_routing",
+            torch.tensor([int(config.instance_router), int(config.instance_uses_scene_probs)]),
+            persistent=True,
+        )
         self.reused = ""
         self.reset_parameters()
+
+    def key(self, name: str) -> str:
+        """The config key the user wrote for setting ``name``."""
+        return self.config_keys.get(name, name)
 
     def reuse_routing(self, part: str) -> None:
         """Take ``part`` of every routing from another router instead of computing it, and drop
@@ -208,10 +125,10 @@ class HierarchicalRouter(nn.Module):
                 logits = logits + torch.randn_like(logits) * cfg.scene_noise_std
             log_probs = F.log_softmax(logits / cfg.scene_temperature, dim=-1)
             groups = log_probs.topk(cfg.scene_top_k, dim=-1).indices
-            kept = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(
+            group_mask = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(
                 1, groups, torch.ones_like(groups, dtype=torch.bool)
             )  # a tensor source (not True) keeps the op traceable for FLOP counters
-        return SceneRouting(logits, log_probs, groups, kept, kept[:, self.expert_group])
+        return SceneRouting(logits, log_probs, groups, group_mask, group_mask[:, self.expert_group])
 
     def forward(
         self,
@@ -222,7 +139,7 @@ class HierarchicalRouter(nn.Module):
         counted: Optional[torch.Tensor] = None,
         scene: Optional[SceneRouting] = None,
     ) -> Routing:
-        """Route.
+        """Route N instances of B images.
 
         Args:
             scene_features: (B, C_scene) one pooled descriptor per image (unused, may be None,
@@ -244,9 +161,9 @@ class HierarchicalRouter(nn.Module):
         owns_scene = scene is None
         if owns_scene:
             scene = self.route_scene(scene_features)
-        if scene.kept.shape[1] != cfg.groups:
+        if scene.group_mask.shape[1] != cfg.groups:
             raise ValueError(
-                f"the reused scene routing has {scene.kept.shape[1]} groups, this router {cfg.groups}"
+                f"the reused scene routing has {scene.group_mask.shape[1]} groups, this router {cfg.groups}"
             )
         with torch.autocast(device_type=instance_features.device.type, enabled=False):
             scene_probs = scene.probs
@@ -269,11 +186,11 @@ class HierarchicalRouter(nn.Module):
             combine_weight,
             top_probs,
             cfg.num_experts,
-            capacity=cfg.capacity(expert_index.shape[0]),
+            capacity=cfg.capacity(expert_index.shape[0], training=self.training),
         )
         routing = Routing(
             expert_index=expert_index,
-            combine_weight=combine_weight * plan.kept,
+            combine_weight=combine_weight * plan.within_capacity,
             instance_probs=instance_probs,
             scene_probs=scene_probs,
             scene_groups=scene.groups,
@@ -281,11 +198,16 @@ class HierarchicalRouter(nn.Module):
             plan=plan,
             scene=scene,
         )
-        self._account(routing, instance_logits, counted, owns_scene)
-        if self.training and owns_scene and cfg.scene_supervision_weight > 0 and scene_targets is not None:
+        if exporting():  # losses and statistics stay out of traced / exported graphs
+            return routing
+        routing.losses, routing.statistics = account_routing(
+            routing, instance_logits, counted, owns_scene, cfg,
+            with_losses=self.training, sum_over_ranks=self.training and cfg.global_balance,
+        )
+        if self.training and owns_scene and scene_targets is not None:
             targets, has_target = scene_targets
-            routing.losses[LOSS_SCENE_SUPERVISION] = cfg.scene_supervision_weight * (
-                scene_supervision_loss(scene.log_probs, targets.float(), has_target)
+            routing.losses[LOSS_SCENE_SUPERVISION] = scene_supervision_loss(
+                scene.log_probs, targets.float(), has_target
             )
         return routing
 
@@ -304,100 +226,19 @@ class HierarchicalRouter(nn.Module):
             return self.instance_router(x, scene_probs, image_index)
         return self.instance_router(x)
 
-    def _account(
-        self,
-        routing: Routing,
-        instance_logits: Optional[torch.Tensor],
-        counted: Optional[torch.Tensor],
-        owns_scene: bool,
-    ) -> None:
-        """Fill ``routing.losses`` (training) and ``routing.statistics`` from one packed vector.
-
-        In training with ``global_balance`` the vector is summed over data-parallel ranks in a
-        single collective, issued on every rank every step (also with zero instances).
-        Nothing under tracing or export: losses and statistics stay out of exported graphs.
-        """
-        if exporting():
-            return
-        cfg = self.config
-        num_experts, groups = cfg.num_experts, cfg.groups
-        probs = routing.instance_probs
-        expert_index = routing.expert_index
-        kept = routing.plan.kept
-        scene = routing.scene
-        with torch.autocast(device_type=probs.device.type, enabled=False):
-            if counted is not None:
-                probs, expert_index, kept = probs[counted], expert_index[counted], kept[counted]
-                if instance_logits is not None:
-                    instance_logits = instance_logits[counted]
-            assignment_counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts).float()
-            with torch.no_grad():
-                entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-                dropped = (~kept).sum().float()
-            zero = probs.new_zeros(())
-            scalars = torch.stack(
-                [
-                    probs.new_full((), float(probs.shape[0])),  # a fill: no host-to-device copy
-                    probs.new_full((), float(scene.logits.shape[0])) if owns_scene else zero,
-                    dropped,
-                    entropy,
-                    zero if instance_logits is None else logsumexp_squared_sum(instance_logits),
-                    logsumexp_squared_sum(scene.logits) if owns_scene else zero,
-                ]
-            )
-            scene_part = (
-                [scene.kept.float().sum(dim=0), scene.probs.sum(dim=0)]
-                if owns_scene
-                else [probs.new_zeros(groups), probs.new_zeros(groups)]
-            )
-            packed = torch.cat([assignment_counts, probs.sum(dim=0), *scene_part, scalars])
-            if self.training and cfg.global_balance:
-                packed = global_sum(packed)
-            counts, prob_sums, group_counts, scene_prob_sums, scalars = torch.split(
-                packed, [num_experts, num_experts, groups, groups, scalars.numel()]
-            )
-            num_instances, num_images, dropped, entropy, z_instance, z_scene = scalars.unbind()
-            num_assignments = (num_instances * cfg.top_k).clamp_min(1.0)
-            instances = num_instances.clamp_min(1.0)
-            images = num_images.clamp_min(1.0)
-            expert_load = counts / num_assignments
-
-            if self.training:
-                losses = routing.losses
-                if cfg.balance_loss_weight > 0:
-                    losses[LOSS_BALANCE] = cfg.balance_loss_weight * switch_balance_loss(
-                        expert_load, prob_sums / instances
-                    )
-                if owns_scene and cfg.scene_balance_loss_weight > 0:
-                    losses[LOSS_SCENE_BALANCE] = cfg.scene_balance_loss_weight * switch_balance_loss(
-                        group_counts / (images * cfg.scene_top_k), scene_prob_sums / images
-                    )
-                if cfg.z_loss_weight > 0:
-                    losses[LOSS_Z] = cfg.z_loss_weight * (z_instance / instances + z_scene / images)
-
-            routing.statistics = {
-                "expert_load": expert_load.detach(),
-                "routing_entropy": (entropy / instances).detach(),
-                "dropped_fraction": (dropped / num_assignments).detach(),
-                "unused_experts": (counts == 0).sum().float().detach(),
-                "instances_per_image": (num_instances / images).detach(),
-            }
-            if owns_scene:
-                routing.statistics["group_usage"] = (group_counts / images).detach()
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "num_groups"
-        if key in state_dict:
-            saved = int(state_dict[key])
-            if saved != self.config.groups:
-                raise MoEConfigError(
-                    self.key_of("num_groups"), self.config.num_groups,
-                    f"the checkpoint's router at '{prefix[:-1]}' chooses among {saved} expert "
-                    f"groups but this model's among {self.config.groups}; set it to match the "
-                    "checkpoint (0 means one group per expert)",
-                )
-        else:  # checkpoints written before the buffer existed: shapes were the only record
+        saved = saved_group_count(state_dict, prefix)
+        if saved is not None and saved != self.config.groups:
+            raise MoEConfigError(
+                self.key("num_groups"), self.config.num_groups,
+                f"the checkpoint's router at '{prefix[:-1]}' chooses among {saved} expert "
+                f"groups but this model's among {self.config.groups}; set it to match the "
+                "checkpoint (0 means one group per expert)",
+            )
+        if key not in state_dict:  # checkpoints written before the buffers existed
             state_dict[key] = self.num_groups.clone()
+        state_dict.setdefault(prefix + "instance_routing", self.instance_routing.clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -431,3 +272,13 @@ def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if linear.weight.dtype == torch.float32:
         return linear(x.float())
     return F.linear(x.float(), linear.weight.float(), linear.bias.float())
+
+
+def saved_group_count(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Optional[int]:
+    """The number of groups the router saved under ``prefix`` routes among: its ``num_groups``
+    buffer, else (checkpoints written before the buffer) its scene router's output width; None
+    when the state holds neither."""
+    if prefix + "num_groups" in state_dict:
+        return int(state_dict[prefix + "num_groups"])
+    weight = state_dict.get(prefix + "scene_router.weight")
+    return None if weight is None else int(weight.shape[0])

@@ -11,22 +11,22 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY
 from fvcore.nn import weight_init
 from torch import nn
-from torch.nn import functional as F
 
 from ..core import (
+    FCBlockLayout,
     HierarchicalRouter,
-    MoEBlock,
     MoEConfig,
     MoEConfigError,
     Routing,
     SceneRouting,
-    check_contiguous_layers,
+    build_fc_experts,
+    check_noise_std,
+    init_fc_experts,
+    load_fc_block,
     require_routing_inputs,
+    run_fc_block,
 )
-from .config import check_head_settings, himoe_key, moe_config_from_cfg, validate_himoe_cfg
-
-#: How errors name ``moe_config`` fields given as a mapping (LazyConfig).
-LAZY_MOE_KEY = "box_head.moe_config.{}"
+from .config import config_keys, lazy_config_keys, moe_config_from_cfg, validate_himoe_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +76,13 @@ class MoEConvFCBoxHead(nn.Module):
         """
         super().__init__()
         require_routing_inputs(self, _unfed_error)
-        key_of = himoe_key
+        keys = config_keys()
         if isinstance(moe_config, Mapping):
-            key_of = LAZY_MOE_KEY.format
-            moe_config = MoEConfig.from_mapping(moe_config, key_of=key_of)
-        check_head_settings(
-            {"expert_dim": expert_dim, "upcycle_noise_std": upcycle_noise_std}, key_of=str
-        )
+            keys = lazy_config_keys()
+            moe_config = MoEConfig.from_mapping(moe_config, key_of="box_head.moe_config.{}".format)
         if not fc_dims:
             raise ValueError("fc_dims: an MoE box head needs at least one fc layer")
-        moe_fc_layers = [int(i) for i in moe_fc_layers]
-        check_contiguous_layers(moe_fc_layers, len(fc_dims), "moe_fc_layers")
-        self.moe_fc_layers = moe_fc_layers
-        self.upcycle_noise_std = upcycle_noise_std
+        self.upcycle_noise_std = check_noise_std(upcycle_noise_std, "upcycle_noise_std")
         self.upcycle_report: List[str] = []
 
         size: Union[int, Tuple[int, int, int]] = (input_shape.channels, input_shape.height, input_shape.width)
@@ -106,48 +100,32 @@ class MoEConvFCBoxHead(nn.Module):
             self.add_module(f"conv{k + 1}", conv)
             self.convs.append(conv)
             size = (conv_dim, size[1], size[2])
-        pooled_channels = size[0]
-        size = int(np.prod(size))
-
-        first, last = moe_fc_layers[0], moe_fc_layers[-1]
-        self.fcs_before = self._dense_fcs(range(first), fc_dims, size)
-        block_in = fc_dims[first - 1] if first > 0 else size
-        hidden = [expert_dim or d for d in fc_dims[first:last]]
-        # Experts starting at the first fc layer would route on the flattened C*H*W RoI feature;
-        # the (much cheaper) spatial mean of the RoI feature carries the same channels.
-        self.route_on_pooled_roi = first == 0
-        router = HierarchicalRouter(
-            moe_config,
-            scene_dim=scene_dim or input_shape.channels,
-            instance_dim=pooled_channels if self.route_on_pooled_roi else block_in,
-            key_of=key_of,
+        layout = FCBlockLayout.checked(
+            int(np.prod(size)), size[0], fc_dims, [int(i) for i in moe_fc_layers], expert_dim,
+            {"moe_fc_layers": "moe_fc_layers", "expert_dim": "expert_dim"},
         )
-        self.moe_block = MoEBlock(router, [block_in, *hidden, fc_dims[last]], activate_output=True)
-        self.fcs_after = self._dense_fcs(range(last + 1, len(fc_dims)), fc_dims, size)
+        self.moe_fc_layers = list(layout.moe_fc_layers)
+        self.fcs_before = self._dense_fcs(layout, layout.before)
+        router = HierarchicalRouter(moe_config, scene_dim or input_shape.channels, layout.router_input_dim, keys)
+        self.moe_block = build_fc_experts(layout, router)
+        self.fcs_after = self._dense_fcs(layout, layout.after)
         self._output_size = fc_dims[-1]
 
         for conv in self.convs:
             weight_init.c2_msra_fill(conv)
         for fc in self.fcs_before + self.fcs_after:
             weight_init.c2_xavier_fill(fc)
-        moe = self.moe_block.moe
-        for weight, bias in zip(moe.experts.weights, moe.experts.biases):
-            for expert_weight in weight:  # c2_xavier_fill of every expert
-                nn.init.kaiming_uniform_(expert_weight, a=1)
-            nn.init.zeros_(bias)
-        if moe.shared is not None:
-            for layer in moe.shared.layers:
-                weight_init.c2_xavier_fill(layer)
+        init_fc_experts(self.moe_block, lambda weight: nn.init.kaiming_uniform_(weight, a=1))  # c2_xavier_fill
 
     @property
     def moe_config(self) -> MoEConfig:
         """The validated router, expert and loss settings."""
         return self.moe_block.config
 
-    def _dense_fcs(self, indices: range, fc_dims: List[int], flat_input: int) -> List[nn.Linear]:
+    def _dense_fcs(self, layout: FCBlockLayout, indices: range) -> List[nn.Linear]:
         fcs = []
         for k in indices:
-            fc = nn.Linear(fc_dims[k - 1] if k > 0 else flat_input, fc_dims[k])
+            fc = nn.Linear(layout.fc_input(k), layout.fc_dims[k])
             self.add_module(f"fc{k + 1}", fc)
             fcs.append(fc)
         return fcs
@@ -189,17 +167,10 @@ class MoEConvFCBoxHead(nn.Module):
         """
         for conv in self.convs:
             x = conv(x)
-        router_input = x.mean(dim=(2, 3)) if self.route_on_pooled_roi else None
-        x = torch.flatten(x, start_dim=1)
-        for fc in self.fcs_before:
-            x = F.relu(fc(x))
-        x, routing = self.moe_block(
-            x, scene_features, image_index, router_input=router_input, scene_targets=scene_targets,
-            scene=scene, routing=routing,
+        return run_fc_block(
+            x, self.fcs_before, self.moe_block, self.fcs_after, scene_features, image_index,
+            scene_targets, scene=scene, routing=routing,
         )
-        for fc in self.fcs_after:
-            x = F.relu(fc(x))
-        return x, routing
 
     @property
     @torch.jit.unused
@@ -207,11 +178,8 @@ class MoEConvFCBoxHead(nn.Module):
         return ShapeSpec(channels=self._output_size)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        MoEBlock.adopt_flat_keys(state_dict, prefix, "moe_block")
         dense = [f"{prefix}fc{i + 1}" for i in self.moe_fc_layers]
-        report = self.moe_block.upcycle(
-            state_dict, prefix + "moe_block.", dense, noise_std=self.upcycle_noise_std
-        )
+        report = load_fc_block(self.moe_block, state_dict, prefix, "moe_block", dense, self.upcycle_noise_std)
         if report:
             self.upcycle_report = report
             logger.info("upcycled the dense box head into experts:\n  %s", "\n  ".join(report))

@@ -12,10 +12,18 @@ from detectron2.modeling.roi_heads import (
     ROI_BOX_HEAD_REGISTRY,
     ROI_HEADS_REGISTRY,
     CascadeROIHeads,
+    Res5ROIHeads,
     StandardROIHeads,
 )
 
-from ..core import MoEConfig, MoEConfigError, check_contiguous_layers, check_noise_std, check_route_once
+from ..core import (
+    MoEConfig,
+    MoEConfigError,
+    check_contiguous_layers,
+    check_int,
+    check_noise_std,
+    check_route_once,
+)
 
 MODEL_ZOO_PREFIX = "model_zoo://"
 
@@ -33,6 +41,8 @@ def add_himoe_config(cfg: CfgNode) -> None:
     _C.MODEL.HIMOE.EXPERT_DIM = 0
     # Feature maps the scene router pools; empty means MODEL.ROI_HEADS.IN_FEATURES.
     _C.MODEL.HIMOE.SCENE_IN_FEATURES = []
+    # (MoEConfig fields above, e.g. EVAL_CAPACITY_FACTOR: the per-expert capacity at inference;
+    # 0, the default, is dropless, so that predictions never depend on the rest of the batch.)
     # Write routing statistics to the EventStorage every this many training iterations.
     _C.MODEL.HIMOE.STATS_PERIOD = 20
     # Cascade ROI heads (InstanceMoECascadeROIHeads) only: "" every stage routes its RoIs itself;
@@ -50,6 +60,30 @@ def himoe_key(name: str) -> str:
     return f"MODEL.HIMOE.{name.upper()}"
 
 
+#: Settings of the box head that are not ``MoEConfig`` fields but shape its tensors.
+HEAD_SETTINGS = ("expert_dim", "route_once", "moe_fc_layers")
+
+#: Supported ROI heads, for errors about the unsupported ones.
+SUPPORTED_ROI_HEADS = (
+    "HI-MoE supports the StandardROIHeads family (MODEL.ROI_HEADS.NAME='InstanceMoEROIHead') and "
+    "the CascadeROIHeads family ('InstanceMoECascadeROIHeads'), with MODEL.ROI_BOX_HEAD.NAME="
+    "'MoEConvFCBoxHead' (FPN-style box heads whose fc layers become the experts)"
+)
+
+
+def config_keys() -> Dict[str, str]:
+    """Every setting the core may name in errors -> its yaml key (``MODEL.HIMOE.<NAME>``)."""
+    return {name: himoe_key(name) for name in [f.name for f in fields(MoEConfig)] + list(HEAD_SETTINGS)}
+
+
+def lazy_config_keys() -> Dict[str, str]:
+    """The same for a LazyConfig ``MoEConvFCBoxHead`` (``moe_config`` given as a mapping)."""
+    keys = {f.name: f"box_head.moe_config.{f.name}" for f in fields(MoEConfig)}
+    keys.update(expert_dim="box_head.expert_dim", moe_fc_layers="box_head.moe_fc_layers",
+                route_once="roi_heads.route_once")
+    return keys
+
+
 def moe_config_from_cfg(cfg: CfgNode) -> MoEConfig:
     """The core settings from ``cfg.MODEL.HIMOE``; errors name the yaml key."""
     if "HIMOE" not in cfg.MODEL:
@@ -62,13 +96,12 @@ def moe_config_from_cfg(cfg: CfgNode) -> MoEConfig:
 def check_head_settings(values: Mapping[str, Any], key_of: Callable[[str], str]) -> None:
     """Validate the head settings that are not ``MoEConfig`` fields (any subset of
     ``expert_dim``, ``upcycle_noise_std``, ``stats_period``); errors name ``key_of(name)``."""
+    minimum = {"expert_dim": 0, "stats_period": 1}
     for name, value in values.items():
         if name == "upcycle_noise_std":
             check_noise_std(value, key_of(name))
-            continue
-        minimum = {"expert_dim": 0, "stats_period": 1}[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise MoEConfigError(key_of(name), value, f"must be an integer >= {minimum}")
+        else:
+            check_int(value, key_of(name), minimum[name])
 
 
 def validate_himoe_cfg(cfg: CfgNode) -> None:
@@ -77,6 +110,12 @@ def validate_himoe_cfg(cfg: CfgNode) -> None:
     moe_config_from_cfg(cfg)
     node = cfg.MODEL.HIMOE
     num_fc = cfg.MODEL.ROI_BOX_HEAD.NUM_FC
+    if num_fc == 0:
+        raise MoEConfigError(
+            "MODEL.ROI_BOX_HEAD.NUM_FC", num_fc,
+            "the box head has no fc layer to turn into experts: C4 models (Res5ROIHeads, whose box "
+            f"head is the res5 stage) are not supported. {SUPPORTED_ROI_HEADS}",
+        )
     check_contiguous_layers(list(node.MOE_FC_LAYERS), num_fc, himoe_key("moe_fc_layers"))
     check_head_settings(
         {name: node[name.upper()] for name in ("expert_dim", "upcycle_noise_std", "stats_period")},
@@ -117,10 +156,9 @@ def _himoe_roi_heads_hint(heads_cls: type) -> str:
         return "set MODEL.ROI_HEADS.NAME='InstanceMoECascadeROIHeads'"
     if issubclass(heads_cls, StandardROIHeads):
         return "set MODEL.ROI_HEADS.NAME='InstanceMoEROIHead'"
-    return (
-        "HI-MoE supports the StandardROIHeads family (InstanceMoEROIHead) and the "
-        "CascadeROIHeads family (InstanceMoECascadeROIHeads)"
-    )
+    if issubclass(heads_cls, Res5ROIHeads):
+        return f"C4 models (Res5ROIHeads) are not supported. {SUPPORTED_ROI_HEADS}"
+    return SUPPORTED_ROI_HEADS
 
 
 def _feeds_moe_box_head(heads_cls: Optional[type]) -> bool:

@@ -9,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..core import image_index_of, routing_of_kept
+from ..core import weighted_losses
 from .scene_routing import SceneRoutedROIHeads, check_moe_box_head, supercategory_groups
 
 __all__ = ["InstanceMoEROIHead", "supercategory_groups"]
@@ -83,20 +83,18 @@ class InstanceMoEROIHead(SceneRoutedROIHeads, StandardROIHeads):
         box_features = self.box_pooler(
             [features[f] for f in self.box_in_features], [p.proposal_boxes for p in proposals]
         )
-        image_index = image_index_of([p.proposal_boxes.tensor for p in proposals])
+        image_index = self.roi_image_index(proposals)
         box_features, routing = self.box_head(box_features, scene_features, image_index, scene_targets)
         predictions = self.box_predictor(box_features)
         del box_features
         if not self.training:
-            pred_instances, kept = self.box_predictor.inference(predictions, proposals)
+            pred_instances, prediction_rows = self.box_predictor.inference(predictions, proposals)
             if self.output_routing:
-                counts = [p.proposal_boxes.tensor.shape[0] for p in proposals]  # traceable sizes
-                for instances, (experts, weights) in zip(pred_instances, routing_of_kept(routing, counts, kept)):
-                    instances.pred_experts, instances.pred_expert_weights = experts, weights
+                self.add_routing_to_predictions(pred_instances, routing, proposals, prediction_rows)
             return pred_instances
 
         losses = self.box_predictor.losses(predictions, proposals)
-        losses.update(routing.losses)
+        losses.update(weighted_losses(routing.losses, self.box_head.moe_config))
         self._log_routing()
         if self.train_on_pred_boxes:
             with torch.no_grad():

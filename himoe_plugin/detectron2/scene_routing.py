@@ -12,10 +12,15 @@ from detectron2.utils.events import get_event_storage
 
 from ..core import (
     MoEConfigError,
+    Routing,
+    check_class_groups,
+    check_scene_strides,
     collect_routing_statistics,
     groups_of_supercategories,
+    image_index_of,
     masked_mean_pool,
     read_coco_supercategories,
+    routing_of_predictions,
     scene_targets_from_labels,
 )
 from .box_head import MoEConvFCBoxHead
@@ -56,7 +61,7 @@ class SceneRoutedROIHeads:
                 f"{list(scene_strides)} must be non-empty and of equal length"
             )
         self.scene_in_features = list(scene_in_features)
-        self.scene_strides = [int(s) for s in scene_strides]
+        self.scene_strides = check_scene_strides(list(scene_strides), "scene_strides")
         self.stats_period = stats_period
         self.scene_groups = moe_config.groups
         if class_to_group is None and moe_config.scene_supervision_weight > 0:
@@ -68,8 +73,10 @@ class SceneRoutedROIHeads:
                 "use_himoe_roi_heads(..., supervision_datasets=[...]), or set the weight to 0",
             )
         if class_to_group is not None:
+            num_classes = len(class_to_group)
             self.register_buffer(
-                "class_to_group", torch.as_tensor(list(class_to_group), dtype=torch.long), persistent=False
+                "class_to_group", check_class_groups(class_to_group, num_classes, self.scene_groups),
+                persistent=False,
             )
         else:
             self.class_to_group = None
@@ -116,6 +123,25 @@ class SceneRoutedROIHeads:
         if self.class_to_group is None or not self.training:
             return None
         return scene_targets_from_labels([t.gt_classes for t in targets], self.class_to_group, self.scene_groups)
+
+    @staticmethod
+    def roi_image_index(proposals: List[Instances]) -> torch.Tensor:
+        """(N,) long, the image of every pooled RoI (``proposals`` image by image); built from
+        tensors, so that a traced model takes any number of proposals per image."""
+        return image_index_of([p.proposal_boxes.tensor for p in proposals])
+
+    @staticmethod
+    def add_routing_to_predictions(
+        pred_instances: List[Instances], routing: Routing, proposals: List[Instances],
+        prediction_rows: Sequence[torch.Tensor],
+    ) -> None:
+        """Set ``pred_experts`` (n, k) long and ``pred_expert_weights`` (n, k) float of every
+        prediction: the routing of the proposal (``prediction_rows`` within its image) it came from."""
+        counts = [p.proposal_boxes.tensor.shape[0] for p in proposals]  # sizes a trace keeps
+        for instances, (experts, weights) in zip(
+            pred_instances, routing_of_predictions(routing, counts, prediction_rows)
+        ):
+            instances.pred_experts, instances.pred_expert_weights = experts, weights
 
     def _log_routing(self) -> None:
         """Once per period, write the mean routing statistics (accumulated on device by the

@@ -24,6 +24,7 @@ from .losses import LoadBalancingLoss, RouterZLoss, RoutingLoss, SceneSupervisio
 from .roi_head import InstanceMoERoIHead
 from .router import HierarchicalRouter
 from .runtime_hooks import RoutingStatisticsHook, WeightsOnlyCheckpointHook
+from .support import SUPPORTED_DETECTORS, check_supported_detector
 
 allow_mmengine_checkpoint_globals()
 
@@ -39,11 +40,13 @@ __all__ = [
     'MoEFFN',
     'MoEShared2FCBBoxHead',
     'RouterZLoss',
+    'SUPPORTED_DETECTORS',
     'RoutingStatisticsHook',
     'RoutingLoss',
     'SceneSupervisionHook',
     'SceneSupervisionLoss',
     'WeightsOnlyCheckpointHook',
     'allow_mmengine_checkpoint_globals',
+    'check_supported_detector',
     'supercategory_groups',
 ]

@@ -12,13 +12,21 @@ from mmengine.logging import print_log
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
-from ..core import (MoEBlock, MoEConfig, MoEConfigError, Routing, SceneRouting,
-                    check_contiguous_layers, check_noise_std, require_routing_inputs)
+from ..core import (FCBlockLayout, MoEConfig, MoEConfigError, Routing, SceneRouting,
+                    build_fc_experts, check_noise_std, init_fc_experts, load_fc_block,
+                    require_routing_inputs, run_fc_block)
 from .moe_settings import build_router, build_routing_losses, routing_losses
+from .support import SUPPORTED_DETECTORS
 
 #: How errors name the head's settings (its place in a Faster R-CNN config).
 HEAD_KEY = 'roi_head.bbox_head'
 
+#: With ``test_cfg.rcnn.output_routing``: the field of the predictions holding the row (within
+#: its image's RoIs) of the RoI each detection came from; the RoI head turns it into routing.
+ROI_INDEX = 'roi_index'
+
+#: Arguments only dense (one-stage) heads take: an MoE bbox head built in their place.
+DENSE_HEAD_ARGS = ('anchor_generator', 'prior_generator', 'stacked_convs', 'feat_channels')
 
 @MODELS.register_module()
 class MoEConvFCBBoxHead(ConvFCBBoxHead):
@@ -71,18 +79,27 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
                  loss_scene: OptConfigType = None,
                  upcycle_noise_std: float = 0.0,
                  **kwargs) -> None:
+        dense_args = [arg for arg in DENSE_HEAD_ARGS if arg in kwargs]
+        if dense_args:
+            raise MoEConfigError(
+                'bbox_head.type', type(self).__name__,
+                f'an MoE bbox head is the bbox head of an RoI head, but it was given the arguments '
+                f'of a one-stage dense head ({", ".join(dense_args)}): one-stage detectors '
+                f'(RetinaNet, FCOS, ...) are not supported. {SUPPORTED_DETECTORS}')
         super().__init__(*args, **kwargs)
         require_routing_inputs(self, _unfed_error)
         if self.num_shared_fcs < 1:
             raise MoEConfigError(f'{HEAD_KEY}.num_shared_fcs', self.num_shared_fcs,
                                  'an MoE bbox head needs at least one shared fc layer')
-        layers = list(range(self.num_shared_fcs)) if moe_fc_layers is None else list(moe_fc_layers)
-        check_contiguous_layers(layers, self.num_shared_fcs, f'{HEAD_KEY}.moe_fc_layers')
-        if isinstance(expert_channels, bool) or not isinstance(expert_channels, int) \
-                or expert_channels < 0:
-            raise MoEConfigError(f'{HEAD_KEY}.expert_channels', expert_channels,
-                                 'must be an integer >= 0')
-        self.moe_fc_layers = layers
+        dense_fcs = list(self.shared_fcs)
+        layout = FCBlockLayout.checked(
+            dense_fcs[0].in_features,
+            self.conv_out_channels if self.num_shared_convs > 0 else self.in_channels,
+            [fc.out_features for fc in dense_fcs],
+            list(range(self.num_shared_fcs)) if moe_fc_layers is None else list(moe_fc_layers),
+            expert_channels,
+            {'moe_fc_layers': f'{HEAD_KEY}.moe_fc_layers', 'expert_dim': f'{HEAD_KEY}.expert_channels'})
+        self.moe_fc_layers = list(layout.moe_fc_layers)
         self.upcycle_noise_std = check_noise_std(upcycle_noise_std,
                                                  f'{HEAD_KEY}.upcycle_noise_std')
         self.upcycle_report: List[str] = []
@@ -92,27 +109,16 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
         for name, loss in losses.items():
             setattr(self, name, loss)
 
-        dense_fcs = list(self.shared_fcs)
-        first, last = layers[0], layers[-1]
-        block_in = dense_fcs[first].in_features
-        hidden = [expert_channels or self.fc_out_channels] * (last - first)
-        # Experts starting at the first fc layer would route on the flattened C*H*W RoI feature;
-        # the (much cheaper) spatial mean of the RoI feature carries the same channels.
-        self.route_on_pooled_roi = first == 0
-        pooled_channels = self.conv_out_channels if self.num_shared_convs > 0 else self.in_channels
         router = build_router(
             HEAD_KEY, router, losses,
             dict(shared_expert=shared_expert, shared_expert_weight=shared_expert_weight),
-            scene_dim=self.in_channels,
-            instance_dim=pooled_channels if self.route_on_pooled_roi else block_in)
-        self.moe_block = MoEBlock(router, [block_in, *hidden, self.fc_out_channels],
-                                  activate_output=True)
+            scene_dim=self.in_channels, instance_dim=layout.router_input_dim)
+        self.moe_block = build_fc_experts(layout, router)
         # The dense fc layers that stay keep their stock names (``shared_fcs.<i>``).
         self.shared_fcs = nn.ModuleDict(
-            {str(i): fc for i, fc in enumerate(dense_fcs) if i not in layers})
-        self.fcs_before = [self.shared_fcs[str(i)] for i in range(first)]
-        self.fcs_after = [self.shared_fcs[str(i)] for i in range(last + 1, len(dense_fcs))]
-        self._inference_routing: Optional[Tuple[Tensor, Routing]] = None
+            {str(i): fc for i, fc in enumerate(dense_fcs) if i not in layout.moe_fc_layers})
+        self.fcs_before = [self.shared_fcs[str(i)] for i in layout.before]
+        self.fcs_after = [self.shared_fcs[str(i)] for i in layout.after]
 
     @property
     def moe_config(self) -> MoEConfig:
@@ -122,20 +128,12 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
     @property
     def scene_supervised(self) -> bool:
         """Whether the scene router is trained on super-class targets."""
-        return self.moe_config.scene_supervision_weight > 0
+        return self.loss_scene is not None and self.loss_scene.loss_weight > 0
 
     def init_weights(self) -> None:
         """Stock init, and every expert initialised like the dense shared fcs (Xavier)."""
         super().init_weights()
-        moe = self.moe_block.moe
-        for weight, bias in zip(moe.experts.weights, moe.experts.biases):
-            for expert_weight in weight.data:
-                nn.init.xavier_uniform_(expert_weight)
-            nn.init.zeros_(bias)
-        if moe.shared is not None:
-            for layer in moe.shared.layers:
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        init_fc_experts(self.moe_block, nn.init.xavier_uniform_)
 
     def forward(self,
                 x: Tensor,
@@ -164,16 +162,8 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
             x = conv(x)
         if self.with_avg_pool:
             x = self.avg_pool(x)
-        router_input = x.mean(dim=(2, 3)) if self.route_on_pooled_roi else None
-        x = x.flatten(1)
-        for fc in self.fcs_before:
-            x = self.relu(fc(x))
-        x, routing = self.moe_block(x, scene_feats, image_index, router_input=router_input,
-                                    scene_targets=scene_targets, scene=scene, routing=routing)
-        if not self.training:  # read by _predict_by_feat_single (test_cfg.rcnn.output_routing)
-            self._inference_routing = (image_index, routing)
-        for fc in self.fcs_after:
-            x = self.relu(fc(x))
+        x, routing = run_fc_block(x, self.fcs_before, self.moe_block, self.fcs_after, scene_feats,
+                                  image_index, scene_targets, scene=scene, routing=routing)
 
         x_cls = x
         for fc in self.cls_fcs:
@@ -189,30 +179,25 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
                                 img_meta: dict, rescale: bool = False,
                                 rcnn_test_cfg: OptConfigType = None) -> InstanceData:
         """The stock post-processing; with ``test_cfg.rcnn.output_routing=True`` the results also
-        hold ``experts`` (n, k) long and ``expert_weights`` (n, k) float: the routing of the RoI
-        each detection came from (the stock NMS, asked for the indices it kept)."""
+        hold ``roi_index`` (n,) long: the row, among the image's RoIs, of the RoI each detection
+        came from (the stock NMS, asked for the indices it kept). The RoI head replaces it by the
+        routing of that RoI."""
         if rcnn_test_cfg is None or not rcnn_test_cfg.get('output_routing', False):
             return super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta, rescale,
                                                    rcnn_test_cfg)
-        top_k = self.moe_config.top_k
         if roi.shape[0] == 0:
             results = super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta,
                                                       rescale, rcnn_test_cfg)
-            results.experts = roi.new_zeros((0, top_k), dtype=torch.long)
-            results.expert_weights = roi.new_zeros((0, top_k))
+            setattr(results, ROI_INDEX, roi.new_zeros(0, dtype=torch.long))
             return results
         raw = super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta, rescale, None)
         per_roi = 1 if bbox_pred is None or self.reg_class_agnostic else self.num_classes
         det_bboxes, det_labels, kept = multiclass_nms(
             raw.bboxes, raw.scores, rcnn_test_cfg.score_thr, rcnn_test_cfg.nms,
             rcnn_test_cfg.max_per_img, box_dim=raw.bboxes.shape[1] // per_roi, return_inds=True)
-        image_index, routing = self._inference_routing
-        image_rows = (image_index == roi[0, 0].long()).nonzero().squeeze(1)
-        rows = image_rows[kept // (raw.scores.shape[1] - 1)]
         results = InstanceData(bboxes=det_bboxes[:, :-1], scores=det_bboxes[:, -1],
                                labels=det_labels)
-        results.experts = routing.expert_index[rows]
-        results.expert_weights = routing.combine_weight[rows].float()
+        setattr(results, ROI_INDEX, kept // (raw.scores.shape[1] - 1))
         return results
 
     def routing_losses(self, routing: Routing) -> Dict[str, Tensor]:
@@ -222,10 +207,9 @@ class MoEConvFCBBoxHead(ConvFCBBoxHead):
         return routing_losses(entries, [routing])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        MoEBlock.adopt_flat_keys(state_dict, prefix, 'moe_block')
         dense = [f'{prefix}shared_fcs.{i}' for i in self.moe_fc_layers]
-        report = self.moe_block.upcycle(state_dict, prefix + 'moe_block.', dense,
-                                        noise_std=self.upcycle_noise_std)
+        report = load_fc_block(self.moe_block, state_dict, prefix, 'moe_block', dense,
+                               self.upcycle_noise_std)
         if report:
             self.upcycle_report = report
             print_log('HI-MoE: upcycled the dense bbox head into experts:\n  '

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmdet.models.roi_heads import CascadeRoIHead
@@ -14,7 +13,7 @@ from mmdet.structures import SampleList
 from mmdet.utils import ConfigType, InstanceList, OptConfigType
 from torch import Tensor
 
-from ..core import MoEConfigError, Routing, link_cascade_stages, stage_reuse
+from ..core import MoEConfigError, RoutingPass, link_cascade_stages
 from .bbox_head import MoEConvFCBBoxHead
 from .moe_settings import log_routing_statistics
 from .scene_routing import SceneRoutedRoIHead
@@ -30,20 +29,10 @@ MOE_COUNTERPARTS: Dict[str, Tuple[str, Dict[str, int]]] = {
 
 
 @dataclass
-class StageRouting:
-    """The routing state of one pass through the stages.
+class SampledRoutingPass(RoutingPass):
+    """A ``RoutingPass`` that also holds the previous stage's sampling results (training), from
+    which ``route_once='instance'`` finds the RoI every sampled RoI was refined from."""
 
-    Attributes:
-        scene_feats: (B, C) pooled image features (computed by the first stage).
-        routings: the ``Routing`` of every stage run so far.
-        rows: the rows of the previous stage's RoIs that the current stage's RoIs come from
-            (training resamples them); None: the same RoIs, in order.
-        sampling_results: the previous stage's sampling results (training).
-    """
-
-    scene_feats: Optional[Tensor] = None
-    routings: List[Routing] = field(default_factory=list)
-    rows: Optional[Tensor] = None
     sampling_results: Optional[List[SamplingResult]] = None
 
 
@@ -89,7 +78,9 @@ class InstanceMoECascadeRoIHead(SceneRoutedRoIHead, CascadeRoIHead):
     samplers not to add ground-truth boxes as proposals, which have no stage-0 routing).
     Training adds each stage's routing losses as ``s<k>.loss_moe_*`` (with their configured
     weights, not scaled by ``stage_loss_weights``) and logs statistics as
-    ``train/himoe/stage<k>/*``; stages that reuse the whole routing have neither.
+    ``train/himoe/stage<k>/*``; stages that reuse the whole routing have neither. With
+    ``test_cfg.rcnn.output_routing=True`` the predictions hold the routing (``experts``,
+    ``expert_weights``) of the last stage for the RoI each detection came from.
 
     Args:
         num_stages, stage_loss_weights: as ``CascadeRoIHead``.
@@ -104,6 +95,8 @@ class InstanceMoECascadeRoIHead(SceneRoutedRoIHead, CascadeRoIHead):
         stats_period: write the mean statistics every this many training iterations.
         **kwargs: as ``CascadeRoIHead``.
     """
+
+    routing_pass_type = SampledRoutingPass
 
     def __init__(self,
                  num_stages: int,
@@ -129,39 +122,45 @@ class InstanceMoECascadeRoIHead(SceneRoutedRoIHead, CascadeRoIHead):
                         '0 chose for the proposal it was refined from; a ground-truth box added '
                         "as a proposal has none: set it to False (Detectron2's cascade never "
                         'adds them after stage 0)')
-        self._stages: Optional[StageRouting] = None
 
     def loss(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
              batch_data_samples: SampleList) -> dict:
         """As ``CascadeRoIHead.loss``, plus every stage's routing losses ``s<k>.loss_moe_*``."""
-        with self._stage_routing(batch_data_samples, with_targets=True):
-            losses = super().loss(x, rpn_results_list, batch_data_samples)
-            for stage, routing in enumerate(self._stages.routings):
-                for name, value in self.bbox_head[stage].routing_losses(routing).items():
-                    losses[f's{stage}.{name}'] = value
+        routed = self.routed_features(x, batch_data_samples, with_targets=True,
+                                      route_once=self.route_once)
+        losses = super().loss(routed, rpn_results_list, batch_data_samples)
+        for stage, routing in enumerate(routed.routing_pass.routings):
+            for name, value in self.bbox_head[stage].routing_losses(routing).items():
+                losses[f's{stage}.{name}'] = value
         log_routing_statistics(self, self.stats_period)
         return losses
 
     def predict(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
                 batch_data_samples: SampleList, rescale: bool = False) -> InstanceList:
-        """As ``CascadeRoIHead.predict``."""
-        with self._stage_routing(batch_data_samples):
-            return super().predict(x, rpn_results_list, batch_data_samples, rescale)
+        """As ``CascadeRoIHead.predict``, plus the routing with ``output_routing`` (see the class)."""
+        routed = self.routed_features(x, batch_data_samples, route_once=self.route_once)
+        results_list = super().predict(routed, rpn_results_list, batch_data_samples, rescale)
+        if self.test_cfg is not None and self.test_cfg.get('output_routing', False):
+            routings = routed.routing_pass.routings
+            self.add_routing_to_results(results_list, routings[-1] if routings else None,
+                                        [len(r) for r in rpn_results_list],
+                                        self.bbox_head[-1].moe_config.top_k)
+        return results_list
 
     def forward(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
                 batch_data_samples: SampleList) -> tuple:
         """As ``CascadeRoIHead.forward`` (tensor mode, FLOP counting)."""
-        with self._stage_routing(batch_data_samples):
-            return super().forward(x, rpn_results_list, batch_data_samples)
+        routed = self.routed_features(x, batch_data_samples, route_once=self.route_once)
+        return super().forward(routed, rpn_results_list, batch_data_samples)
 
     def bbox_loss(self, stage: int, x: Tuple[Tensor],
                   sampling_results: List[SamplingResult]) -> dict:
         """As ``CascadeRoIHead.bbox_loss``; with ``route_once='instance'`` it first finds the
         previous stage's RoI every sampled RoI was refined from."""
-        state = self._stages
+        routing_pass = self.routing_pass(x)
         if stage > 0 and self.route_once == 'instance':
-            state.rows = refined_from(state.sampling_results, sampling_results)
-        state.sampling_results = sampling_results
+            routing_pass.rows = refined_from(routing_pass.sampling_results, sampling_results)
+        routing_pass.sampling_results = sampling_results
         return super().bbox_loss(stage, x, sampling_results)
 
     def _bbox_forward(self, stage: int, x: Tuple[Tensor], rois: Tensor) -> dict:
@@ -169,38 +168,19 @@ class InstanceMoECascadeRoIHead(SceneRoutedRoIHead, CascadeRoIHead):
 
         Args:
             stage: the cascade stage.
-            x: multi-level features, each (B, C, H_l, W_l).
+            x: multi-level features, each (B, C, H_l, W_l), as ``RoutedFeatures``.
             rois: (N, 5) RoIs ``(image index, x1, y1, x2, y2)``.
 
         Returns:
             dict with ``cls_score``, ``bbox_pred``, ``bbox_feats`` and ``routing``.
         """
-        state = self._stages
-        if state.scene_feats is None:
-            state.scene_feats = self.scene_features(x)
+        routing_pass = self.routing_pass(x)
         extractor = self.bbox_roi_extractor[stage]
         bbox_feats = extractor(x[:extractor.num_inputs], rois)
-        reuse = stage_reuse(self.route_once, stage, state.routings, state.rows)
-        cls_score, bbox_pred, routing = self.bbox_head[stage](
-            bbox_feats,
-            None if reuse else state.scene_feats,
-            rois[:, 0].long(),
-            None if reuse else self._scene_inputs.targets,
-            **reuse)
-        state.routings.append(routing)
+        cls_score, bbox_pred, routing = routing_pass.run_stage(
+            stage, self.bbox_head[stage], bbox_feats, rois[:, 0].long())
         return dict(cls_score=cls_score, bbox_pred=bbox_pred, bbox_feats=bbox_feats,
                     routing=routing)
-
-    @contextmanager
-    def _stage_routing(self, batch_data_samples: SampleList, with_targets: bool = False
-                       ) -> Iterator[None]:
-        """The scene inputs (``SceneRoutedRoIHead._scene``) and a fresh per-pass stage state."""
-        self._stages = StageRouting()
-        try:
-            with self._scene(batch_data_samples, with_targets=with_targets):
-                yield
-        finally:
-            self._stages = None
 
 
 def refined_from(previous: List[SamplingResult], current: List[SamplingResult]) -> Tensor:

@@ -1,13 +1,12 @@
 """Config entries of the auxiliary routing losses.
 
-The core router computes these losses itself, from counts summed over all data-parallel
-ranks, weighted by its ``MoEConfig``. Each entry below is the MMDetection face of one of them:
-its weights become the core's weights (an absent entry means weight 0, so the core skips the
-term), and calling it on a ``Routing`` returns its weighted terms for the loss dict.
+The core router computes the terms itself, unweighted, from counts summed over all data-parallel
+ranks (``Routing.losses``). Each entry below weights its terms with its own ``loss_weight``, as
+every MMDetection loss does; an entry left out of the config (None) means no such term.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict
 
 from mmdet.registry import MODELS
 from torch import Tensor, nn
@@ -18,25 +17,25 @@ from ..core import LOSS_BALANCE, LOSS_SCENE_BALANCE, LOSS_SCENE_SUPERVISION, LOS
 class RoutingLoss(nn.Module):
     """Base of the routing-loss entries.
 
-    Subclasses declare ``core_weights`` (constructor argument -> ``MoEConfig`` field) and
-    ``loss_names`` (the keys the core gives their terms in ``Routing.losses``).
+    Subclasses declare ``term_weights``: the name of each core term they weight
+    (``Routing.losses`` keys) -> the constructor argument holding its weight.
     """
 
-    core_weights: Dict[str, str] = {}
-    loss_names: Tuple[str, ...] = ()
+    term_weights: Dict[str, str] = {}
 
-    def moe_config_weights(self) -> Dict[str, float]:
-        """``{MoEConfig field: weight}`` set by this entry."""
-        return {field: getattr(self, arg) for arg, field in self.core_weights.items()}
-
-    @classmethod
-    def disabled_weights(cls) -> Dict[str, float]:
-        """``{MoEConfig field: 0.0}``: the weights when the entry is left out of the config."""
-        return {field: 0.0 for field in cls.core_weights.values()}
+    def weights(self) -> Dict[str, float]:
+        """``{constructor argument: weight}`` of this entry."""
+        return {arg: getattr(self, arg) for arg in self.term_weights.values()}
 
     def forward(self, routing: Routing) -> Dict[str, Tensor]:
-        """This entry's weighted loss terms of ``routing`` (scalars; empty at test time)."""
-        return {name: routing.losses[name] for name in self.loss_names if name in routing.losses}
+        """This entry's weighted terms of ``routing`` (scalars; terms of weight 0 are left out;
+        empty at test time)."""
+        out = {}
+        for name, arg in self.term_weights.items():
+            weight = getattr(self, arg)
+            if name in routing.losses and weight > 0:
+                out[name] = weight * routing.losses[name]
+        return out
 
 
 @MODELS.register_module()
@@ -45,16 +44,14 @@ class LoadBalancingLoss(RoutingLoss):
 
     ``loss_moe_balance = loss_weight * E * sum_e f_e * P_e`` over experts (f: fraction of
     routed RoIs, P: mean router probability) and ``loss_moe_scene_balance`` the same over the
-    scene router's groups, both over the global batch.
+    scene router's groups (``scene_loss_weight``), both over the global batch.
 
     Args:
         loss_weight: weight of the expert balance term (>= 0).
         scene_loss_weight: weight of the scene-group balance term (>= 0).
     """
 
-    core_weights = {'loss_weight': 'balance_loss_weight',
-                    'scene_loss_weight': 'scene_balance_loss_weight'}
-    loss_names = (LOSS_BALANCE, LOSS_SCENE_BALANCE)
+    term_weights = {LOSS_BALANCE: 'loss_weight', LOSS_SCENE_BALANCE: 'scene_loss_weight'}
 
     def __init__(self, loss_weight: float = 0.01, scene_loss_weight: float = 0.01) -> None:
         super().__init__()
@@ -70,8 +67,7 @@ class RouterZLoss(RoutingLoss):
         loss_weight: weight of the term (>= 0).
     """
 
-    core_weights = {'loss_weight': 'z_loss_weight'}
-    loss_names = (LOSS_Z,)
+    term_weights = {LOSS_Z: 'loss_weight'}
 
     def __init__(self, loss_weight: float = 0.001) -> None:
         super().__init__()
@@ -90,8 +86,7 @@ class SceneSupervisionLoss(RoutingLoss):
         loss_weight: weight of the term (> 0 to enable it).
     """
 
-    core_weights = {'loss_weight': 'scene_supervision_weight'}
-    loss_names = (LOSS_SCENE_SUPERVISION,)
+    term_weights = {LOSS_SCENE_SUPERVISION: 'loss_weight'}
 
     def __init__(self, loss_weight: float = 0.1) -> None:
         super().__init__()

@@ -56,41 +56,49 @@ class InstanceMoERoIHead(SceneRoutedRoIHead, StandardRoIHead):
     def loss(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
              batch_data_samples: SampleList) -> dict:
         """As ``StandardRoIHead.loss``, plus the routing losses ``loss_moe_*``."""
-        with self._scene(batch_data_samples, with_targets=True):
-            return super().loss(x, rpn_results_list, batch_data_samples)
+        routed = self.routed_features(x, batch_data_samples, with_targets=True)
+        return super().loss(routed, rpn_results_list, batch_data_samples)
 
     def predict(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
                 batch_data_samples: SampleList, rescale: bool = False) -> InstanceList:
-        """As ``StandardRoIHead.predict``."""
-        with self._scene(batch_data_samples):
-            return super().predict(x, rpn_results_list, batch_data_samples, rescale)
+        """As ``StandardRoIHead.predict``; with ``test_cfg.rcnn.output_routing=True`` every result
+        also holds ``experts`` (n, k) long and ``expert_weights`` (n, k) float: the routing of
+        the RoI each detection came from."""
+        routed = self.routed_features(x, batch_data_samples)
+        results_list = super().predict(routed, rpn_results_list, batch_data_samples, rescale)
+        if self.test_cfg is not None and self.test_cfg.get('output_routing', False):
+            routings = routed.routing_pass.routings
+            self.add_routing_to_results(results_list, routings[-1] if routings else None,
+                                        [len(r) for r in rpn_results_list],
+                                        self.bbox_head.moe_config.top_k)
+        return results_list
 
     def forward(self, x: Tuple[Tensor], rpn_results_list: InstanceList,
                 batch_data_samples: Optional[SampleList] = None) -> tuple:
         """As ``StandardRoIHead.forward`` (tensor mode, FLOP counting). Without data
         samples the scene router pools the whole (padded) feature maps."""
-        with self._scene(batch_data_samples, num_images=len(rpn_results_list),
-                         padded_shape=x[0].shape[-2:]):
-            return super().forward(x, rpn_results_list, batch_data_samples)
+        return super().forward(self.routed_features(x, batch_data_samples), rpn_results_list,
+                               batch_data_samples)
 
     def _bbox_forward(self, x: Tuple[Tensor], rois: Tensor) -> dict:
         """Box head forward through the hierarchical router.
 
         Args:
-            x: multi-level features, each (B, C, H_l, W_l).
+            x: multi-level features, each (B, C, H_l, W_l), as ``RoutedFeatures`` (which carry
+                this pass's scene features and super-class targets).
             rois: (N, 5) RoIs ``(image index, x1, y1, x2, y2)``.
 
         Returns:
             dict with ``cls_score`` (N, num_classes + 1), ``bbox_pred`` (N, 4 * num_classes),
             ``bbox_feats`` (N, C, 7, 7) and ``routing`` (the core ``Routing``).
         """
-        scene_feats = self.scene_features(x)
+        routing_pass = self.routing_pass(x)
         bbox_feats = self.bbox_roi_extractor(x[:self.bbox_roi_extractor.num_inputs], rois)
         if self.with_shared_head:
             bbox_feats = self.shared_head(bbox_feats)
-        image_index = rois[:, 0].long()
         cls_score, bbox_pred, routing = self.bbox_head(
-            bbox_feats, scene_feats, image_index, self._scene_inputs.targets)
+            bbox_feats, routing_pass.scene_features, rois[:, 0].long(), routing_pass.scene_targets)
+        routing_pass.routings.append(routing)
         return dict(cls_score=cls_score, bbox_pred=bbox_pred, bbox_feats=bbox_feats,
                     routing=routing)
 

@@ -1,7 +1,7 @@
 """``HierarchicalRouter`` as an MMDetection ``MODELS`` entry (the core router, config-built)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Mapping, Optional
 
 from mmdet.registry import MODELS
 
@@ -19,17 +19,19 @@ class HierarchicalRouter(CoreHierarchicalRouter):
                     num_groups=4, scene_top_k=2)
 
     Every keyword is a field of ``himoe_plugin.core.MoEConfig`` and is validated there; the
-    owner (bbox head, DETR ``moe`` entry) supplies ``scene_dim``, ``instance_dim``, the loss
-    weights (from its loss entries) and the shared-expert fields.
+    owner (bbox head, DETR ``moe`` entry) supplies ``scene_dim``, ``instance_dim``, the config
+    keys and the shared-expert fields; its loss entries weight the routing losses.
 
     Args:
         scene_dim: channels C_s of the scene features (B, C_s).
         instance_dim: channels C_i of the RoI features the instance router sees (N, C_i).
-        key_of: maps a ``MoEConfig`` field to the config key the user wrote, for errors.
+        config_keys: ``MoEConfig`` field (and ``expert_dim``, ``route_once``) -> the config key the
+            user wrote, for errors.
         **settings: ``MoEConfig`` fields.
     """
 
     def __init__(self, scene_dim: int, instance_dim: int,
-                 key_of: Callable[[str], str] = str, **settings: Any) -> None:
-        config = MoEConfig.from_mapping(settings, key_of=key_of)
-        super().__init__(config, scene_dim=scene_dim, instance_dim=instance_dim, key_of=key_of)
+                 config_keys: Optional[Mapping[str, str]] = None, **settings: Any) -> None:
+        keys = dict(config_keys or {})
+        config = MoEConfig.from_mapping(settings, key_of=lambda name: keys.get(name, name))
+        super().__init__(config, scene_dim=scene_dim, instance_dim=instance_dim, config_keys=keys)

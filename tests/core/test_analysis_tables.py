@@ -12,7 +12,7 @@ import torch
 from himoe_plugin.analysis import (BACKGROUND, ImageTruth, LayerInfo, RoutedInstances, RoutingAnalysis,
                                    RoutingTable, format_metrics, mutual_information_bits, specialization)
 from himoe_plugin.core import (HierarchicalRouter, MoEBlock, MoEConfig, collect_routing_statistics,
-                               format_routing_summary, routing_of_kept)
+                               format_routing_summary, routing_of_predictions)
 
 CLASSES = ["fish", "shark", "penguin"]
 
@@ -98,17 +98,17 @@ def test_unknown_layer_is_rejected():
                            [routed([[0, 0, 1, 1]], [[0, 1]], [[0.5, 0.5]], layer="decoder.5")])
 
 
-def test_routing_of_kept_picks_each_images_rows():
+def test_routing_of_predictions_picks_each_images_rows():
     config = MoEConfig(num_experts=4, top_k=2, num_groups=2, scene_top_k=1)
     router = HierarchicalRouter(config, scene_dim=8, instance_dim=8).eval()
     torch.manual_seed(0)
     routing = router(torch.randn(2, 8), torch.randn(5, 8), torch.tensor([0, 0, 0, 1, 1]))
-    picked = routing_of_kept(routing, [3, 2], [torch.tensor([2, 0]), torch.tensor([1])])
+    picked = routing_of_predictions(routing, [3, 2], [torch.tensor([2, 0]), torch.tensor([1])])
     assert torch.equal(picked[0][0], routing.expert_index[[2, 0]])
     assert torch.equal(picked[1][0], routing.expert_index[[4]])
     assert torch.equal(picked[1][1], routing.combine_weight[[4]])
     with pytest.raises(ValueError, match="does not match"):
-        routing_of_kept(routing, [2, 2], [torch.tensor([0]), torch.tensor([0])])
+        routing_of_predictions(routing, [2, 2], [torch.tensor([0]), torch.tensor([0])])
 
 
 def test_statistics_flush_adds_load_extremes_and_the_console_summary_shows_them():

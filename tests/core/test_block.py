@@ -151,7 +151,7 @@ def test_split_upcycling_rejects_a_dense_ffn_that_experts_cannot_partition():
 def test_checkpoint_with_another_group_count_fails_naming_the_setting():
     saved = make_block(num_groups=4).state_dict()
     other = make_block(num_groups=2, scene_top_k=1)
-    other.router.key_of = lambda field: f"MODEL.HIMOE.{field.upper()}"
+    other.router.config_keys["num_groups"] = "MODEL.HIMOE.NUM_GROUPS"
     with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.NUM_GROUPS=2: the checkpoint's router "
                                              r"at 'router' chooses among 4 expert groups"):
         other.load_state_dict(saved)
@@ -214,8 +214,45 @@ def test_expert_backend_setting_reaches_the_experts_and_errors_name_its_key():
     block = make_block(expert_backend="loop")
     assert block.moe.experts.expert_backend == "loop"
     config = MoEConfig(num_experts=8, top_k=2, num_groups=4, scene_top_k=2, expert_backend="grouped_mm")
-    router = HierarchicalRouter(config, 12, 12, key_of=lambda f: f"MODEL.HIMOE.{f.upper()}")
+    router = HierarchicalRouter(config, 12, 12, config_keys={"expert_backend": "MODEL.HIMOE.EXPERT_BACKEND"})
     with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.EXPERT_BACKEND='grouped_mm': .*multiple of 8"):
         MoEBlock(router, [12, 20, 12])  # widths 12 and 20 are not 16-byte aligned rows
     grouped = MoEBlock(router, [16, 32, 16])
     assert grouped.moe.experts.expert_backend == "grouped_mm"
+
+
+def keyed(block):
+    block.router.config_keys.update({name: f"MODEL.HIMOE.{name.upper()}" for name in (
+        "shared_expert", "instance_router", "instance_uses_scene_probs", "expert_dim", "route_once")})
+    return block
+
+
+@pytest.mark.parametrize("saved, loaded, message", [
+    (dict(shared_expert=True), {}, r"^MODEL\.HIMOE\.SHARED_EXPERT=False: .* has shared expert but this model has none"),
+    ({}, dict(shared_expert=True), r"^MODEL\.HIMOE\.SHARED_EXPERT=True: .* has no shared expert"),
+    ({}, dict(instance_uses_scene_probs=False),
+     r"^MODEL\.HIMOE\.INSTANCE_USES_SCENE_PROBS=False: .* instance router that sees the scene probabilities"),
+    (dict(num_groups=0, scene_top_k=8, instance_router=False), dict(num_groups=0, scene_top_k=8),
+     r"^MODEL\.HIMOE\.INSTANCE_ROUTER=True: .* routes on the scene alone"),
+    ({}, dict(dims=(16, 24, 16)), r"^MODEL\.HIMOE\.EXPERT_DIM=\[24\]: .* experts of widths \[16, 32, 16\]"),
+])
+def test_checkpoint_with_another_tensor_layout_fails_naming_the_setting(saved, loaded, message):
+    """Without the guard a non-strict checkpointer skips these tensors and leaves them random."""
+    state = make_block(**saved).state_dict()
+    with pytest.raises(MoEConfigError, match=message):
+        keyed(make_block(**loaded)).load_state_dict(state, strict=False)
+
+
+def test_checkpoint_of_a_stage_that_reused_the_routing_fails_in_a_stage_that_routes():
+    later = make_block()
+    later.router.reuse_routing("scene")
+    with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.ROUTE_ONCE='': .* reuses the routing of stage 0"):
+        keyed(make_block()).load_state_dict(later.state_dict(), strict=False)
+    routing_stage = make_block().state_dict()
+    with pytest.raises(MoEConfigError, match=r"^MODEL\.HIMOE\.ROUTE_ONCE='scene': .* routes its scene itself"):
+        keyed(later).load_state_dict(routing_stage, strict=False)
+    # Matching checkpoints, and those written before the records existed, load strictly.
+    make_block(shared_expert=True).load_state_dict(make_block(shared_expert=True).state_dict())
+    legacy = {k: v for k, v in make_block().state_dict().items()
+              if not k.endswith(("instance_routing", "expert_dims"))}
+    make_block().load_state_dict(legacy)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from himoe_plugin.core import LOSS_BALANCE, LOSS_SCENE_BALANCE, LOSS_Z, HierarchicalRouter, MoEConfig
+from himoe_plugin.core import LOSS_BALANCE, LOSS_SCENE_BALANCE, LOSS_Z, HierarchicalRouter, MoEConfig, weighted_losses
 
 CONFIG = MoEConfig(num_experts=8, top_k=2, num_groups=4, scene_top_k=2, z_loss_weight=0.01)
 PER_RANK_IMAGES = [(13, 0), (2, 40)]  # instances per image on rank 0 and rank 1: uneven, with empties
@@ -34,7 +34,7 @@ def make_router():
 
 
 def aux_loss(routing):
-    return sum(routing.losses.values())
+    return sum(weighted_losses(routing.losses, CONFIG).values())
 
 
 def worker(rank, world_size, port, out_dir):

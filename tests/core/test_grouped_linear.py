@@ -69,7 +69,7 @@ def test_grouped_mm_backend_matches_loop_in_value_and_gradient(grouped_mm_calls,
     expert_index[:3, 0] = 3
     plan, weights = plan_for(expert_index, num_experts, capacity)
     assert plan.rows_per_expert[1] == plan.rows_per_expert[4] == 0
-    assert (not plan.kept.all()) == (capacity > 0)
+    assert (not plan.within_capacity.all()) == (capacity > 0)
     loop, grouped = twin_experts(num_experts, dims, activate_output)
     x, upstream = torch.randn(n, dims[0]), torch.randn(n, dims[-1])
 

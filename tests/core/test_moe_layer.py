@@ -135,7 +135,7 @@ def test_capacity_drops_exactly_the_lowest_confidence_assignments():
     confidence = torch.tensor([[0.3], [0.9], [0.5], [0.8], [0.1], [0.7]])
     expert_index = torch.tensor([[0], [0], [0], [0], [0], [1]])
     plan = build_dispatch_plan(expert_index, torch.ones(6, 1), confidence, 2, capacity=2)
-    assert plan.kept.squeeze(1).tolist() == [False, True, False, True, False, True]
+    assert plan.within_capacity.squeeze(1).tolist() == [False, True, False, True, False, True]
     assert plan.rows_per_expert == [2, 1]
     assert sorted(plan.instance_index[:2].tolist()) == [1, 3]
 
@@ -147,16 +147,16 @@ def test_capacity_factor_from_config_counts_dropped_assignments():
     capacity = config.capacity(40)  # ceil(0.5 * 40 * 2 / 4) = 10
     assert capacity == 10
     assert max(routing.plan.rows_per_expert) <= capacity
-    dropped = (~routing.plan.kept).sum().item()
+    dropped = (~routing.plan.within_capacity).sum().item()
     assert dropped == 80 - sum(routing.plan.rows_per_expert) > 0
     assert routing.statistics["dropped_fraction"].item() == pytest.approx(dropped / 80)
     # A dropped assignment has zero weight; every kept one had at least the confidence of
     # any dropped assignment of the same expert.
-    assert (routing.combine_weight[~routing.plan.kept] == 0).all()
+    assert (routing.combine_weight[~routing.plan.within_capacity] == 0).all()
     probs = routing.instance_probs.gather(1, routing.expert_index)
     for e in range(4):
         of_e = routing.expert_index == e
-        kept, lost = probs[of_e & routing.plan.kept], probs[of_e & ~routing.plan.kept]
+        kept, lost = probs[of_e & routing.plan.within_capacity], probs[of_e & ~routing.plan.within_capacity]
         if lost.numel():
             assert kept.min() >= lost.max()
 
@@ -165,7 +165,7 @@ def test_dropless_by_default():
     config = MoEConfig(num_experts=4, top_k=2, scene_top_k=4)
     router, scene, x, image_index = route(config, num_instances=100)
     routing = router(scene, x, image_index)
-    assert routing.plan.kept.all() and sum(routing.plan.rows_per_expert) == 200
+    assert routing.plan.within_capacity.all() and sum(routing.plan.rows_per_expert) == 200
 
 
 @pytest.mark.parametrize("instances_per_image", [[0, 5], [0, 0]])
@@ -236,7 +236,7 @@ def test_combine_gradient_matches_finite_differences(top_k, capacity):
     weights = torch.rand(7, top_k, dtype=torch.float64, requires_grad=True)
     plan = build_dispatch_plan(expert_index, weights, torch.rand(7, top_k), 4, capacity)
     rows = torch.randn(sum(plan.rows_per_expert), 5, dtype=torch.float64, requires_grad=True)
-    assert (not plan.kept.all()) == (capacity > 0)
+    assert (not plan.within_capacity.all()) == (capacity > 0)
 
     def combined(expert_rows, routing_weights):
         plan.combine_weight = routing_weights.reshape(-1)[plan.slot]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_block import batch, make_block
 
-from himoe_plugin.core import LOSS_BALANCE, LOSS_Z, stage_reuse
+from himoe_plugin.core import LOSS_BALANCE, LOSS_Z, RoutingPass
 
 
 def names(module):
@@ -74,15 +74,43 @@ def test_unknown_part_is_rejected():
         make_block().router.reuse_routing("instances")
 
 
-def test_stage_reuse_says_what_each_cascade_stage_takes_from_the_earlier_ones():
-    first, second = make_block(seed=0).eval(), make_block(seed=1).eval()
+def test_routing_pass_gives_each_cascade_stage_what_it_takes_from_the_earlier_ones():
     scene, x, image_index = batch()
-    _, routing0 = first(x, scene, image_index)
-    _, routing1 = second(x, None, image_index, scene=routing0.scene)
-    routings = [routing0, routing1]
-    assert stage_reuse("instance", 0, [], None) == {} and stage_reuse("", 2, routings, None) == {}
-    assert stage_reuse("scene", 2, routings, None)["scene"] is routing0.scene
-    assert stage_reuse("instance", 2, routings, None)["routing"] is routing1  # the previous stage's
-    rows = torch.tensor([4, 1])
-    kept = stage_reuse("instance", 2, routings, rows)["routing"]
-    assert torch.equal(kept.expert_index, routing1.expert_index[rows])
+    calls = []
+
+    def box_head(features, scene_features, index, targets, scene=None, routing=None):
+        calls.append((scene_features, targets, scene, routing))
+        if routing is None:
+            routing = blocks[len(calls) - 1](features, scene_features, index, scene=scene)[1]
+        return features, routing
+
+    blocks = [make_block(seed=s).eval() for s in range(3)]
+    blocks[1].router.reuse_routing("scene")
+    blocks[2].router.reuse_routing("scene")
+    targets = (torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool))
+    scene_pass = RoutingPass(scene, targets, route_once="scene")
+    for stage in range(3):
+        scene_pass.run_stage(stage, box_head, x, image_index)
+    assert calls[0][0] is scene and calls[0][1] is targets and calls[0][2] is None
+    assert all(c[0] is None and c[1] is None and c[2] is scene_pass.routings[0].scene for c in calls[1:])
+    assert len(scene_pass.routings) == 3
+
+    calls.clear()
+    every_stage = RoutingPass(scene, route_once="")
+    blocks = [make_block(seed=s).eval() for s in range(2)]
+    for stage in range(2):
+        every_stage.run_stage(stage, box_head, x, image_index)
+    assert all(c[0] is scene and c[2] is None and c[3] is None for c in calls)
+
+    calls.clear()
+    instance_pass = RoutingPass(scene, route_once="instance")
+    blocks = [make_block(seed=0).eval()]
+    instance_pass.run_stage(0, box_head, x, image_index)
+    instance_pass.rows = torch.tensor([4, 1])  # the RoIs the next stage keeps
+    _, routing1 = instance_pass.run_stage(1, box_head, x[[4, 1]], image_index[[4, 1]])
+    assert torch.equal(routing1.expert_index, instance_pass.routings[0].expert_index[[4, 1]])
+    assert instance_pass.rows is None  # used once
+    _, routing2 = instance_pass.run_stage(2, box_head, x[[4, 1]], image_index[[4, 1]])
+    assert routing2 is routing1  # the previous stage's, same RoIs
+    with pytest.raises(RuntimeError, match="stage 1 runs after 3 stages"):
+        instance_pass.run_stage(1, box_head, x, image_index)

@@ -16,6 +16,7 @@ from himoe_plugin.core import (
     masked_mean_pool,
     scene_targets_from_labels,
     switch_balance_loss,
+    weighted_losses,
 )
 
 
@@ -24,6 +25,11 @@ def make_router(seed=0, **overrides):
     settings.update(overrides)
     torch.manual_seed(seed)
     return HierarchicalRouter(MoEConfig(**settings), scene_dim=12, instance_dim=20)
+
+
+def weighted(router, routing):
+    """The losses as Detectron2 adds them: each term times its MoEConfig weight (0: left out)."""
+    return weighted_losses(routing.losses, router.config)
 
 
 def random_batch(num_images=4, per_image=30, seed=1):
@@ -97,7 +103,7 @@ def test_balance_loss_is_its_weight_at_uniform_load_and_grows_with_imbalance():
     routing_uniform_probs = router(scene, x, torch.zeros(8, dtype=torch.long))
     # All 8 go to the same expert (argmax of the bias): maximal imbalance.
     assert routing_uniform_probs.statistics["expert_load"].max().item() == 1.0
-    loss_all_one = routing_uniform_probs.losses[LOSS_BALANCE].item()
+    loss_all_one = weighted(router, routing_uniform_probs)[LOSS_BALANCE].item()
     assert loss_all_one == pytest.approx(0.25 * 8 * (1 / 8 + 1e-4), rel=1e-2)
 
     with torch.no_grad():
@@ -107,7 +113,8 @@ def test_balance_loss_is_its_weight_at_uniform_load_and_grows_with_imbalance():
     routing = router(scene, torch.eye(8, 20), torch.zeros(8, dtype=torch.long))
     assert routing.statistics["expert_load"].tolist() == [1 / 8] * 8
     # f uniform -> loss = weight * 8 * sum(1/8 * P_e) = weight exactly (P sums to 1).
-    assert routing.losses[LOSS_BALANCE].item() == pytest.approx(0.25, rel=1e-6)
+    assert weighted(router, routing)[LOSS_BALANCE].item() == pytest.approx(0.25, rel=1e-6)
+    assert routing.losses[LOSS_BALANCE].item() == pytest.approx(1.0, rel=1e-6)  # unweighted
 
 
 def test_auxiliary_losses_exist_in_training_only_and_are_differentiable():
@@ -148,8 +155,10 @@ def test_z_loss_matches_definition():
     expected = 0.5 * (
         torch.logsumexp(inst_logits, 1).square().mean() + torch.logsumexp(scene_logits, 1).square().mean()
     )
-    torch.testing.assert_close(routing.losses[LOSS_Z], expected)
-    assert set(routing.losses) == {LOSS_Z}
+    torch.testing.assert_close(weighted(router, routing)[LOSS_Z], expected)
+    assert set(weighted(router, routing)) == {LOSS_Z}
+    # The core's terms are unweighted (MMDetection's loss modules apply their own loss_weight).
+    torch.testing.assert_close(routing.losses[LOSS_Z], expected / 0.5)
 
 
 def test_scene_supervision_pulls_scene_router_to_supercategories():

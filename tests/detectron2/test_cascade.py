@@ -140,16 +140,15 @@ def test_route_once_instance_tracks_rois_through_the_refinement_in_training(head
     assert torch.equal(routings[1].combine_weight, routings[0].combine_weight[kept])
 
 
-def test_create_proposals_records_the_rows_it_keeps(heads_of):
+def test_nonempty_rows_are_the_rows_create_proposals_keeps(heads_of):
+    from himoe_plugin.detectron2.cascade import nonempty_rows
+
     heads = heads_of("instance").train()
     boxes = [torch.tensor([[0., 0., 10., 10.], [5., 5., 5., 9.], [300., 0., 400., 9.]]),
              torch.tensor([[1., 1., 20., 30.]])]
-    from himoe_plugin.detectron2.cascade import CascadeRouting
-
-    heads._routing = CascadeRouting(torch.zeros(2, 128), None)
     proposals = heads._create_proposals_from_boxes(boxes, [(100, 200), (100, 200)])
     # Row 1 has zero width, row 2 lies outside the 200-wide image: dropped like the stock heads do.
-    assert heads._routing.kept_rows.tolist() == [0, 3]
+    assert nonempty_rows(boxes, [(100, 200), (100, 200)]).tolist() == [0, 3]
     assert [len(p) for p in proposals] == [1, 1]
 
 
@@ -177,8 +176,6 @@ def test_r50_cascade_yaml_and_lazyconfig_build_the_same_model():
      r"MODEL\.ROI_BOX_HEAD\.CLS_AGNOSTIC_BBOX_REG=False: cascade ROI heads regress class-agnostic"),
     (["MODEL.ROI_HEADS.NAME", "InstanceMoEROIHead", "MODEL.HIMOE.ROUTE_ONCE", "scene"], MoEConfigError,
      r"MODEL\.HIMOE\.ROUTE_ONCE='scene': only cascade ROI heads route once .* has one stage"),
-    (["MODEL.HIMOE.OUTPUT_ROUTING", "True"], MoEConfigError,
-     r"MODEL\.HIMOE\.OUTPUT_ROUTING=True: routing in predictions is implemented for InstanceMoEROIHead"),
 ])
 def test_bad_cascade_settings_fail_naming_the_key(registered, tmp_path, opts, error, message):
     with pytest.raises(error, match=message):
@@ -198,3 +195,63 @@ def test_lazyconfig_route_once_needs_a_cascade():
     assert cascade.roi_heads.route_once == "instance" and len(cascade.roi_heads.box_heads) == 3
     stds = [head.box2box_transform.weights for head in cascade.roi_heads.box_predictors]
     assert stds == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]  # stages keep their predictors
+
+
+def attribute_writes(model):
+    """Record every attribute written on a module of ``model`` while the context is open (but
+    ``training``, which ``run_heads`` sets)."""
+    modules, writes = set(map(id, model.modules())), []
+    original = torch.nn.Module.__setattr__
+
+    def recording(module, name, value):
+        if id(module) in modules and name != "training":
+            writes.append(f"{type(module).__name__}.{name}")
+        original(module, name, value)
+
+    class Recorder:
+        def __enter__(self):
+            torch.nn.Module.__setattr__ = recording
+            return writes
+
+        def __exit__(self, *exc):
+            torch.nn.Module.__setattr__ = original
+
+    return Recorder()
+
+
+@pytest.mark.parametrize("route_once", ["", "instance"])
+def test_a_pass_keeps_nothing_on_the_heads_and_batches_do_not_interact(heads_of, route_once):
+    heads = heads_of(route_once, **{"MODEL.HIMOE.OUTPUT_ROUTING": "True"}).eval()
+    with attribute_writes(heads) as writes:
+        first, _, _ = run_heads(heads, training=False, seed=1)
+        second, _, _ = run_heads(heads, training=False, seed=2)
+    assert writes == []
+    alone, _, _ = run_heads(heads_of(route_once, **{"MODEL.HIMOE.OUTPUT_ROUTING": "True"}).eval(),
+                            training=False, seed=2)
+    for after, fresh in zip(second, alone):
+        for field in ("scores", "pred_classes", "pred_experts", "pred_expert_weights"):
+            assert torch.equal(after.get(field), fresh.get(field)), field
+
+
+@pytest.mark.parametrize("route_once", ["", "scene", "instance"])
+def test_output_routing_gives_each_prediction_the_last_stage_routing_of_its_roi(heads_of, route_once):
+    """MODEL.HIMOE.OUTPUT_ROUTING on a cascade (the routing analysis tool needs it): every
+    prediction carries the experts and weights the last stage gave one of its image's RoIs."""
+    heads = heads_of(route_once, **{"MODEL.HIMOE.OUTPUT_ROUTING": "True"})
+    heads.box_predictor[-1].test_score_thresh = 0.0
+    outputs, routings, _ = run_heads(heads, training=False)
+    last, counts = routings[-1], [30, 45]
+    top_k = heads.box_head[-1].moe_config.top_k
+    for image, instances in enumerate(outputs):
+        assert len(instances) > 0
+        experts, weights = instances.pred_experts, instances.pred_expert_weights
+        assert experts.dtype == torch.long and experts.shape == (len(instances), top_k)
+        assert weights.dtype == torch.float32 and weights.shape == experts.shape
+        rows = slice(sum(counts[:image]), sum(counts[:image + 1]))
+        image_experts, image_weights = last.expert_index[rows], last.combine_weight[rows]
+        for e, w in zip(experts, weights):
+            match = (image_experts == e).all(1) & (image_weights == w).all(1)
+            assert match.any()
+    heads.output_routing = False
+    plain, _, _ = run_heads(heads, training=False)
+    assert set(plain[0].get_fields()) == {"pred_boxes", "scores", "pred_classes"}

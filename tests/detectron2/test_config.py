@@ -75,7 +75,7 @@ def get_himoe_cfg_from(path):
         (["MODEL.HIMOE.TOP_K", "5"], r"MODEL\.HIMOE\.TOP_K=5: larger than the scene subset"),
         (["MODEL.HIMOE.NUM_GROUPS", "3"], r"MODEL\.HIMOE\.NUM_GROUPS=3: must divide num_experts=8"),
         (["MODEL.HIMOE.SCENE_TOP_K", "5"], r"MODEL\.HIMOE\.SCENE_TOP_K=5: the scene subset cannot"),
-        (["MODEL.HIMOE.NUM_EXPERTS", "0"], r"MODEL\.HIMOE\.NUM_EXPERTS=0: must be >= 1"),
+        (["MODEL.HIMOE.NUM_EXPERTS", "0"], r"MODEL\.HIMOE\.NUM_EXPERTS=0: must be an integer >= 1"),
         (["MODEL.HIMOE.CAPACITY_FACTOR", "-1.0"], r"MODEL\.HIMOE\.CAPACITY_FACTOR=-1\.0: must be >= 0"),
         (["MODEL.HIMOE.MOE_FC_LAYERS", "[0, 2]"], r"MODEL\.HIMOE\.MOE_FC_LAYERS=\[0, 2\]: must be increasing"),
         (["MODEL.HIMOE.MOE_FC_LAYERS", "[2]"], r"MODEL\.HIMOE\.MOE_FC_LAYERS=\[2\]: the box head has fc layers 0\.\.1"),

@@ -120,3 +120,29 @@ def test_scene_router_supervised_by_supercategories(registered, tmp_path):
     torch.testing.assert_close(losses[LOSS_SCENE_SUPERVISION], 0.5 * expected)
     losses[LOSS_SCENE_SUPERVISION].backward()
     assert heads.box_head.moe_block.router.scene_router.weight.grad.abs().sum() > 0
+
+
+def test_inference_is_dropless_by_default_so_an_image_does_not_depend_on_its_batch(registered, tmp_path):
+    """CAPACITY_FACTOR caps the experts' load in training only: alone or next to another image,
+    an image gets the same routing and detections (EVAL_CAPACITY_FACTOR > 0 asks for a cap)."""
+    def detections(eval_capacity_factor, images_in_batch):
+        cfg = small_cfg(tmp_path, extra=["MODEL.HIMOE.CAPACITY_FACTOR", "0.5",
+                                         "MODEL.HIMOE.EVAL_CAPACITY_FACTOR", str(eval_capacity_factor),
+                                         "MODEL.HIMOE.OUTPUT_ROUTING", "True"])
+        torch.manual_seed(0)
+        heads = build_model(cfg).roi_heads.eval()
+        images, features, proposals, _ = make_inputs(heads, [60, 60], [0, 0])
+        if images_in_batch == 1:
+            images = ImageList(images.tensor[1:], images.image_sizes[1:])
+            features = {k: v[1:] for k, v in features.items()}
+            proposals = proposals[1:]
+        with torch.no_grad():
+            return heads(images, features, proposals)[0][-1]
+
+    alone, batched = detections(0.0, 1), detections(0.0, 2)
+    assert len(alone) > 0
+    for field in ("scores", "pred_classes", "pred_experts", "pred_expert_weights"):
+        torch.testing.assert_close(alone.get(field), batched.get(field))
+    capped_alone, capped_batched = detections(0.5, 1), detections(0.5, 2)
+    assert (capped_alone.pred_expert_weights == 0).any()  # asked for: the cap drops assignments
+    assert not torch.equal(capped_alone.pred_expert_weights, capped_batched.pred_expert_weights)

@@ -108,3 +108,11 @@ def test_lazyconfig_moe_box_head_under_stock_roi_heads_fails_naming_what_to_set(
     with pytest.raises(MoEConfigError, match=r"box_head='MoEConvFCBoxHead': an HI-MoE box head runs "
                                              r"only under HI-MoE ROI heads .*RoI features only"):
         heads(None, features, [proposals])
+
+
+@pytest.mark.parametrize("heads", ["InstanceMoEROIHead", "Res5ROIHeads"])
+def test_c4_models_fail_saying_they_are_not_supported_and_what_is(tmp_path, heads):
+    path = write_yaml(tmp_path, "model_zoo://COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", "")
+    with pytest.raises(MoEConfigError, match=r"C4 models \(Res5ROIHeads.*\) are not supported.* HI-MoE "
+                       r"supports the StandardROIHeads family .*InstanceMoEROIHead.* CascadeROIHeads"):
+        load_tool_cfg(path, ["MODEL.ROI_HEADS.NAME", heads, "MODEL.ROI_BOX_HEAD.NAME", "MoEConvFCBoxHead"])

@@ -123,6 +123,26 @@ def test_checkpoint_with_another_number_of_groups_fails_clearly(registered, tmp_
         DetectionCheckpointer(two_groups).load(str(tmp_path / "himoe_g4.pth"))
 
 
+@pytest.mark.parametrize("saved, loaded, message", [
+    (["MODEL.HIMOE.SHARED_EXPERT", "True"], [],
+     r"^MODEL\.HIMOE\.SHARED_EXPERT=False: the checkpoint's MoE block at 'roi_heads\.box_head\.moe_block' "
+     r"has shared expert but this model has none"),
+    ([], ["MODEL.HIMOE.INSTANCE_USES_SCENE_PROBS", "False"],
+     r"^MODEL\.HIMOE\.INSTANCE_USES_SCENE_PROBS=False: .* instance router that sees the scene probabilities"),
+    (["MODEL.HIMOE.EXPERT_DIM", "512"], [],
+     r"^MODEL\.HIMOE\.EXPERT_DIM=\[1024\]: .* experts of widths \[12544, 512, 1024\] but this model's are "
+     r"\[12544, 1024, 1024\]; set it to match the checkpoint"),
+], ids=["shared_expert", "instance_uses_scene_probs", "expert_dim"])
+def test_checkpoint_with_another_tensor_layout_fails_naming_the_setting(registered, tmp_path, saved, loaded,
+                                                                        message):
+    """Settings that change which tensors an MoE block has, or their shapes: the checkpointer
+    would skip those tensors with a warning and leave them random; the guard names the key."""
+    DetectionCheckpointer(build_model(small_cfg(tmp_path, extra=saved)), str(tmp_path)).save("saved")
+    model = build_model(small_cfg(tmp_path, extra=loaded))
+    with pytest.raises(MoEConfigError, match=message):
+        DetectionCheckpointer(model).load(str(tmp_path / "saved.pth"))
+
+
 def test_himoe_checkpoint_round_trip_is_not_upcycled(registered, tmp_path):
     torch.manual_seed(1)
     first = build_model(small_cfg(tmp_path))

@@ -267,3 +267,130 @@ def test_import_without_mmdet_names_the_missing_package():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "himoe_plugin.mmdet needs the 'mmdet' package, which is not installed" in result.stdout
+
+
+def attribute_writes(model):
+    """Record every attribute written on a module of ``model`` while the context is open."""
+    modules, writes = set(map(id, model.modules())), []
+    original = torch.nn.Module.__setattr__
+
+    def recording(module, name, value):
+        if id(module) in modules:
+            writes.append(f'{type(module).__name__}.{name}')
+        original(module, name, value)
+
+    class Recorder:
+        def __enter__(self):
+            torch.nn.Module.__setattr__ = recording
+            return writes
+
+        def __exit__(self, *exc):
+            torch.nn.Module.__setattr__ = original
+
+    return Recorder()
+
+
+def routed_predictions(model, inputs, samples, proposals):
+    with torch.no_grad():
+        features = model.extract_feat(inputs)
+        return model.roi_head.predict(features, [p.clone() for p in proposals], samples)
+
+
+def test_a_pass_keeps_nothing_on_the_heads_and_batches_do_not_interact():
+    """Per-pass state (scene inputs, the routing of the predictions) lives in the pass: a
+    prediction writes no attribute, and a batch's results do not depend on the one before."""
+    cfg = load_config(HIMOE_CONFIG, {'model.test_cfg.rcnn.output_routing': True,
+                                     'model.test_cfg.rcnn.score_thr': 0.0})
+    model = build_model(cfg).eval()
+    first = real_batch(cfg, model, [0, 1], split='val')
+    second = real_batch(cfg, model, [2, 3], split='val')
+    proposals = [InstanceData(bboxes=torch.tensor([[10., 20., 120., 150.], [30., 40., 90., 200.],
+                                                   [0., 0., 60., 60.]])),
+                 InstanceData(bboxes=torch.tensor([[5., 5., 100., 80.], [50., 60., 200., 210.]]))]
+    with attribute_writes(model) as writes:
+        routed_predictions(model, first['inputs'], first['data_samples'], proposals)
+        after = routed_predictions(model, second['inputs'], second['data_samples'], proposals[::-1])
+    assert writes == []
+    fresh = routed_predictions(build_model(cfg).eval(), second['inputs'], second['data_samples'],
+                               proposals[::-1])
+    for a, b in zip(after, fresh):
+        for field in ('scores', 'labels', 'experts', 'expert_weights'):
+            assert torch.equal(a.get(field), b.get(field)), field
+
+
+def test_output_routing_of_a_batch_without_proposals_has_empty_experts():
+    cfg = load_config(HIMOE_CONFIG, {'model.test_cfg.rcnn.output_routing': True})
+    model = build_model(cfg).eval()
+    batch = real_batch(cfg, model, [0, 1], split='val')
+    empty = InstanceData(bboxes=torch.zeros(0, 4))
+    top_k = model.roi_head.bbox_head.moe_config.top_k
+    for proposals in ([empty, empty], [empty, InstanceData(bboxes=torch.tensor([[5., 5., 90., 80.]]))]):
+        results = routed_predictions(model, batch['inputs'], batch['data_samples'], proposals)
+        assert results[0].experts.shape == (0, top_k) and results[0].experts.dtype == torch.long
+        assert results[0].expert_weights.shape == (0, top_k)
+        assert results[0].expert_weights.dtype == torch.float32
+        assert 'roi_index' not in results[0] and 'roi_index' not in results[1]
+
+
+def test_inference_is_dropless_by_default_so_an_image_does_not_depend_on_its_batch():
+    """capacity_factor caps the experts' load in training only (eval_capacity_factor asks for a
+    cap at inference): alone or next to another image, an image gets the same detections."""
+    def results(eval_capacity_factor):
+        cfg = load_config(HIMOE_CONFIG, {
+            'model.roi_head.bbox_head.router.capacity_factor': 0.5,
+            'model.roi_head.bbox_head.router.eval_capacity_factor': eval_capacity_factor,
+            'model.test_cfg.rcnn.output_routing': True, 'model.test_cfg.rcnn.score_thr': 0.0})
+        model = build_model(cfg).eval()
+        batch = real_batch(cfg, model, [0, 1], split='val')
+        proposals = [InstanceData(bboxes=boxes(40, seed=i)) for i in range(2)]
+        with torch.no_grad():
+            features = model.extract_feat(batch['inputs'])
+            batched = model.roi_head.predict(features, [p.clone() for p in proposals],
+                                             batch['data_samples'])[1]
+            alone = model.roi_head.predict(tuple(f[1:] for f in features), [proposals[1].clone()],
+                                           batch['data_samples'][1:])[0]
+        return alone, batched
+
+    alone, batched = results(0.0)
+    assert len(alone) > 0
+    for field in ('scores', 'labels', 'experts', 'expert_weights'):
+        torch.testing.assert_close(alone.get(field), batched.get(field))
+    capped, _ = results(0.5)
+    assert (capped.expert_weights == 0).any()  # asked for: the cap drops assignments
+
+
+def boxes(count, seed):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(count, 2, generator=g) * 200
+    return torch.cat([xy, xy + 20 + torch.rand(count, 2, generator=g) * 100], 1)
+
+
+def test_moe_bbox_head_in_a_one_stage_detector_says_what_is_supported():
+    cfg = load_config(HIMOE_CONFIG)
+    head = dict(type='MoEShared2FCBBoxHead', num_classes=7, in_channels=256, stacked_convs=4,
+                feat_channels=256, anchor_generator=dict(type='AnchorGenerator', strides=[8]))
+    with pytest.raises(MoEConfigError, match=r"one-stage detectors \(RetinaNet, FCOS, \.\.\.\) are not "
+                                             r"supported\. HI-MoE supports two-stage detectors .*DETR"):
+        from mmdet.registry import MODELS
+        MODELS.build(head)
+    from himoe_plugin.mmdet import check_supported_detector
+    retina = copy.deepcopy(cfg.model)
+    retina['type'] = 'RetinaNet'
+    with pytest.raises(MoEConfigError, match=r"^model\.type='RetinaNet': .*roi_head.*HI-MoE supports two-stage"):
+        check_supported_detector(retina)
+    check_supported_detector(cfg.model)  # Faster R-CNN with InstanceMoERoIHead
+
+
+@pytest.mark.slow
+def test_stock_train_tool_rejects_hi_moe_settings_on_retinanet_naming_the_key(tmp_path):
+    """Through ``tools/mmdet/run_tool.py train.py`` the check runs before mmdet builds the model
+    (which would end in a raw ``TypeError: ... unexpected keyword argument 'roi_head'``)."""
+    config = tmp_path / 'himoe_retinanet.py'
+    config.write_text(f"_base_ = '{HIMOE_CONFIG}'\nmodel = dict(type='RetinaNet')\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / 'tools/mmdet/run_tool.py'), 'train.py', str(config),
+         '--work-dir', str(tmp_path / 'work')], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "model.type='RetinaNet'" in result.stderr and 'HI-MoE supports two-stage' in result.stderr
+    assert 'unexpected keyword argument' not in result.stderr
+    assert not (tmp_path / 'work').exists() or not any((tmp_path / 'work').rglob('*.pth'))

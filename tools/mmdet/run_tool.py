@@ -49,11 +49,23 @@ def main() -> None:
         sys.exit(f'no tool {sys.argv[1]!r} in {mmdet_tools_dir()}')
     import himoe_plugin.mmdet  # noqa: F401
 
+    if tool.name in ('train.py', 'test.py', 'get_flops.py') and len(sys.argv) > 2:
+        check_config(sys.argv[2])
     init_cpu_process_group()
     sys.argv = [str(tool), *sys.argv[2:]]
     namespace = runpy.run_path(str(tool), run_name='__main__')
     if tool.name == 'get_flops.py':
         print_active_parameters(namespace['parse_args']())
+
+
+def check_config(config_file: str) -> None:
+    """Fail before the tool builds the model when the config puts HI-MoE components on a
+    detector that cannot run them (the error says what is supported)."""
+    from mmengine.config import Config
+
+    from himoe_plugin.mmdet import check_supported_detector
+
+    check_supported_detector(Config.fromfile(config_file).model)
 
 
 def print_active_parameters(args) -> None:
@@ -62,7 +74,7 @@ def print_active_parameters(args) -> None:
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    from himoe_plugin.core.analysis import count_parameters
+    from himoe_plugin.core import count_parameters
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
