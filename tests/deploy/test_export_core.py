@@ -193,10 +193,10 @@ def test_dynamo_onnx_export_runs_like_eager():
 
 
 def test_an_image_alone_gets_what_it_gets_in_a_batch_exports_are_dropless():
-    """With a capacity limit, eager inference drops assignments depending on the batch; the
-    exported block is dropless: an image alone and in a batch get the same outputs, those of
-    the eager block without a capacity limit."""
-    limited = BlockOutputs(make_block(top_k=2, capacity_factor=0.5))
+    """With an inference capacity limit (``eval_capacity_factor``), eager inference drops
+    assignments depending on the batch; the exported block is dropless: an image alone and in a
+    batch get the same outputs, those of the eager block without a capacity limit."""
+    limited = BlockOutputs(make_block(top_k=2, capacity_factor=0.5, eval_capacity_factor=0.5))
     dropless = BlockOutputs(make_block(top_k=2))
     traced = trace(limited, sample(20, 3, seed=1))
     x, scene, image_index = sample(15, 4, seed=5)
