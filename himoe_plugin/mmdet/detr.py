@@ -52,6 +52,10 @@ class HIMoEDetrMixin:
       hub every this many training iterations.
     """
 
+    def __init__(self, *args, moe: ConfigType, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._build_moe(moe)
+
     def _build_moe(self, moe: ConfigType) -> None:
         settings = parse_detr_moe_settings(moe, len(self.encoder.layers), len(self.decoder.layers))
         self.moe_stats_period = settings.stats_period
@@ -197,10 +201,6 @@ class HIMoEDINO(HIMoEDetrMixin, DINO):
     """DINO with HI-MoE FFNs in the chosen encoder and decoder layers (the HI-MoE paper's
     setting). Args: those of ``DINO`` plus ``moe`` (see ``HIMoEDetrMixin``)."""
 
-    def __init__(self, *args, moe: ConfigType, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._build_moe(moe)
-
     def _pre_decoder(self, encoder_outputs: Dict, batch_data_samples: OptSampleList) -> Tuple:
         return self.pre_decoder(**encoder_outputs, batch_data_samples=batch_data_samples)
 
@@ -209,15 +209,7 @@ class HIMoEDINO(HIMoEDetrMixin, DINO):
 class HIMoEDeformableDETR(HIMoEDetrMixin, DeformableDETR):
     """Deformable DETR with HI-MoE FFNs. Args: those of ``DeformableDETR`` plus ``moe``."""
 
-    def __init__(self, *args, moe: ConfigType, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._build_moe(moe)
-
 
 @MODELS.register_module()
 class HIMoEDETR(HIMoEDetrMixin, DETR):
     """DETR with HI-MoE FFNs. Args: those of ``DETR`` plus ``moe``."""
-
-    def __init__(self, *args, moe: ConfigType, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._build_moe(moe)
