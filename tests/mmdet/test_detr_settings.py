@@ -35,9 +35,9 @@ def test_split_upcycling_gives_experts_a_slice_of_the_ffn():
     settings = parse(upcycle=dict(mode='split', noise_std=0.1))
     assert (settings.upcycle_mode, settings.upcycle_noise_std) == ('split', 0.1)
     assert settings.expert_channels_of(feedforward_channels=1024, num_experts=8) == 128
-    with pytest.raises(MoEConfigError, match=r"^moe\.upcycle\.mode='split': feedforward_channels=1000 "
-                                             r"is not divisible by num_experts=8"):
-        settings.expert_channels_of(feedforward_channels=1000, num_experts=8)
+    with pytest.raises(MoEConfigError, match=r"^moe\.upcycle\.mode='split': feedforward_channels=1024 "
+                                             r"is not divisible by num_experts=6"):
+        settings.expert_channels_of(feedforward_channels=1024, num_experts=6)
     with pytest.raises(MoEConfigError, match=r'^moe\.expert_channels=64: split upcycling gives experts '
                                              r'of 1024 / 8 = 128 channels'):
         parse(upcycle=dict(mode='split'), expert_channels=64).expert_channels_of(1024, 8)
