@@ -157,7 +157,7 @@ def variant_builder(size: int, layers: int, device: torch.device) -> Callable[[s
             model.to(device)
         if name == "naive_full":
             for ffn in model.moe_ffns:
-                ffn.moe = NaiveExperts(ffn.moe)
+                ffn.moe_block.moe = NaiveExperts(ffn.moe_block.moe)
         optim = build_optim_wrapper(model, dict(optimizer=dict(type="SGD", lr=1e-4, momentum=0.9)))
 
         def run_infer():
@@ -182,7 +182,8 @@ def parameter_counts(model: torch.nn.Module, name: str) -> Dict[str, int]:
         return {"total": total, "active": total}
     idle = 0
     for ffn in model.moe_ffns:
-        experts = ffn.moe.naive.moe.experts if name == "naive_full" else ffn.moe.experts
+        moe = ffn.moe_block.moe
+        experts = moe.naive.moe.experts if name == "naive_full" else moe.experts
         per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
         idle += per_expert * (experts.num_experts - ffn.config.top_k)
     return {"total": total, "active": total - idle}

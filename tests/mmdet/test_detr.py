@@ -89,9 +89,10 @@ def test_ablation_configs_inherit_stock_dino_and_build_what_they_say(name):
         config = ffn.config
         assert (config.num_experts, config.groups, config.scene_top_k, config.top_k) == (
             expected['E'], expected['G'], expected['ks'], expected['k'])
-        assert (ffn.moe.shared is not None) == expected.get('shared', True)
-        assert ffn.moe.dims == (256, expected.get('hidden', 2048), 256)
-        assert (ffn.router.instance_router is None) == expected.get('scene_only', False)
+        block = ffn.moe_block
+        assert (block.moe.shared is not None) == expected.get('shared', True)
+        assert block.moe.dims == (256, expected.get('hidden', 2048), 256)
+        assert (block.router.instance_router is None) == expected.get('scene_only', False)
 
 
 @pytest.mark.parametrize('options, message', [
@@ -109,6 +110,12 @@ def test_ablation_configs_inherit_stock_dino_and_build_what_they_say(name):
     ({'model.moe.router.balance_loss_weight': 0.1},
      r'^moe\.router\.balance_loss_weight=0\.1: set it as moe\.loss_balance\.loss_weight'),
     ({'model.moe.experts': 4}, r'^moe\.experts=4: unknown setting'),
+    # issue 16, failure 7: bare TypeErrors before
+    ({'model.moe.encoder_layers': None},
+     r"^moe\.encoder_layers=None: must be 'all' or a list of layer indices"),
+    ({'model.moe.encoder_layers': 1.5},
+     r"^moe\.encoder_layers=1\.5: must be 'all' or a list of layer indices"),
+    ({'model.moe.router': None}, r'^moe\.router=None: must be a dict of HierarchicalRouter settings'),
     ({'model.encoder.layer_cfg.ffn_cfg.act_cfg': dict(type='GELU')},
      r"^encoder\.layer_cfg\.ffn_cfg\.act_cfg=.*GELU.*: MoE FFN experts use ReLU"),
 ])
@@ -127,7 +134,7 @@ def _encoder_inputs(model, cfg):
 
 
 def _routed(model, forward, **inputs):
-    from himoe_plugin.mmdet.detr import TokenRouting
+    from himoe_plugin.mmdet.detr_layers import TokenRouting
 
     routings = []
     mask = inputs.pop('mask')
@@ -213,7 +220,7 @@ def test_dn_queries_are_routed_but_never_enter_scene_pooling_or_statistics(himoe
     model.zero_grad()
     states[-1, :, :num_dn].square().sum().backward()
     last = model.decoder.layers[-1].ffn
-    assert last.moe.experts.weights[0].grad.abs().sum() > 0
+    assert last.moe_block.moe.experts.weights[0].grad.abs().sum() > 0
 
 
 def test_training_loss_has_routing_losses_with_gradients_and_statistics(himoe_dino):
@@ -230,11 +237,38 @@ def test_training_loss_has_routing_losses_with_gradients_and_statistics(himoe_di
     model.zero_grad()
     losses['loss_moe_balance'].backward()
     for ffn in model.moe_ffns:
-        assert ffn.router.instance_router.weight.grad.abs().sum() > 0, ffn.stats_scope
+        assert ffn.moe_block.router.instance_router.weight.grad.abs().sum() > 0, ffn.stats_scope
     scalars = hub.log_scalars
     assert 'train/himoe/encoder.0/expert_load/0' in scalars
     assert 'train/himoe/decoder.2/routing_entropy' in scalars
     assert scalars['train/himoe/decoder.0/instances_per_image'].current() == model.num_queries
+
+
+def test_a_prediction_writes_nothing_on_any_module(himoe_dino):
+    """The token contexts of a pass live in locals (``TokenRouting``), and the stock layer and
+    detector code runs on per-call views: after a prediction with routing output, every
+    module's attributes are the very objects they were before, so nothing of the batch is held."""
+    model, cfg = himoe_dino
+    model.eval()
+
+    def attributes():
+        return {(name, key): value for name, module in model.named_modules()
+                for key, value in vars(module).items()
+                if key not in ('_parameters', '_buffers', '_modules')}
+
+    inputs = real_batch(model, cfg, training=False)
+    previous = model.test_cfg.get('output_routing', False)
+    model.test_cfg['output_routing'] = True
+    try:
+        before = attributes()
+        with torch.no_grad():
+            samples = model.predict(inputs['inputs'], inputs['data_samples'])
+        after = attributes()
+    finally:
+        model.test_cfg['output_routing'] = previous
+    assert all(len(s.pred_instances.experts) == len(s.pred_instances) for s in samples)
+    assert after.keys() == before.keys()
+    assert [key for key in before if after[key] is not before[key]] == []
 
 
 # ---------------------------------------------------------------- upcycling
@@ -244,7 +278,7 @@ def _dense_and_moe(options):
     moe, _ = build(HIMOE_DINO_CPU, options)
     result = moe.load_state_dict(copy.deepcopy(dense.state_dict()), strict=False)
     assert not result.unexpected_keys  # every dense FFN key became experts
-    assert result.missing_keys and all('.ffn.router.' in k for k in result.missing_keys)
+    assert result.missing_keys and all('.ffn.moe_block.router.' in k for k in result.missing_keys)
     return dense.eval(), moe.eval(), cfg
 
 
@@ -278,8 +312,8 @@ def test_split_upcycled_dino_with_every_expert_on_equals_the_dense_dino():
                'model.moe.router.top_k': 8}
     dense, moe, cfg = _dense_and_moe(options)
     for ffn in moe.moe_ffns:
-        assert ffn.moe.dims == (256, 128, 256)
-        for linear in (ffn.router.instance_router, ffn.router.scene_router):
+        assert ffn.moe_block.moe.dims == (256, 128, 256)
+        for linear in (ffn.moe_block.router.instance_router, ffn.moe_block.router.scene_router):
             torch.nn.init.zeros_(linear.weight)  # uniform routing over all 8 experts
     inputs = real_batch(dense, cfg, training=False)
     for got, expected in zip(_predict(moe, inputs), _predict(dense, inputs)):
@@ -295,7 +329,7 @@ def test_checkpoint_with_another_expert_or_group_count_fails_naming_the_key():
     fewer_groups, _ = build(HIMOE_DINO_CPU, {'model.moe.router.num_groups': 2,
                                              'model.moe.router.scene_top_k': 1})
     with pytest.raises(MoEConfigError, match=r"^moe\.router\.num_groups=2: the checkpoint's router "
-                                             r"at 'encoder\.layers\.0\.ffn\.router' chooses among 4"):
+                                             r"at 'encoder\.layers\.0\.ffn\.moe_block\.router' chooses among 4"):
         fewer_groups.load_state_dict(moe.state_dict())
 
 
@@ -326,7 +360,8 @@ model = dict(type={moe_type!r}, moe=dict(
     losses = moe.loss(inputs['inputs'], inputs['data_samples'])
     assert all(losses[name].requires_grad for name in ('loss_moe_balance', 'loss_moe_z'))
     sum(v for k, v in losses.items() if 'loss' in k).backward()
-    assert all(ffn.router.instance_router.weight.grad.abs().sum() > 0 for ffn in moe.moe_ffns)
+    assert all(ffn.moe_block.router.instance_router.weight.grad.abs().sum() > 0
+               for ffn in moe.moe_ffns)
 
     moe.load_state_dict(dense.state_dict(), strict=False)
     test_inputs = real_batch(dense, aquarium_cfg, training=False)
