@@ -25,6 +25,16 @@ def data_root() -> Path:
     return bundled_data_root()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def himoe_data_root(data_root: Path):
+    """Configs (mmdet ``{{$HIMOE_DATA_ROOT:...}}``) and tools started by the tests resolve
+    ``$HIMOE_DATA_ROOT``: point them at the data the tests use."""
+    patcher = pytest.MonkeyPatch()
+    patcher.setenv("HIMOE_DATA_ROOT", str(data_root))
+    yield data_root
+    patcher.undo()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     """Deselect ``cuda`` tests unless the ``-m`` expression names that marker (run_checks.sh)."""
     if "cuda" in (config.option.markexpr or ""):

@@ -146,3 +146,69 @@ def test_invalid_or_impossible_expert_backend_names_the_setting(monkeypatch):
     with pytest.raises(MoEConfigError, match=r"expert_backend='grouped_mm'.*has no grouped GEMM"):
         MoEConfig(expert_backend="grouped_mm")
     assert MoEConfig(expert_backend="auto").expert_backend == "auto"
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("gather", [False, True])
+def test_grouped_linear_matches_per_expert_linear_in_value_and_gradient(relu, gather):
+    from himoe_plugin.core.grouped_linear import grouped_linear
+
+    torch.manual_seed(0)
+    rows = [3, 0, 5, 1]  # an expert without rows in the middle
+    # With ``gather`` the input rows are picked by an index (repeats and a skipped row, as
+    # with top-2 routing and a dropped assignment) inside the op.
+    row_index = torch.tensor([0, 4, 2, 6, 1, 4, 3, 0, 5]) if gather else None
+    x = torch.randn(8 if gather else 9, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(9, 5, dtype=torch.float64)
+
+    def op(a, w, b):
+        return grouped_linear(a, w, b, rows, row_index=row_index, relu=relu)
+
+    out = op(x, weight, bias)
+    grads = torch.autograd.grad((out * upstream).sum(), (x, weight, bias))
+    chunks = torch.split(x if row_index is None else x[row_index], rows)
+    reference = torch.cat([torch.nn.functional.linear(c, weight[e], bias[e]) for e, c in enumerate(chunks)])
+    reference = reference.relu() if relu else reference
+    ref_grads = torch.autograd.grad((reference * upstream).sum(), (x, weight, bias))
+    torch.testing.assert_close(out, reference)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected)
+    assert (grads[1][1] == 0).all() and (grads[2][1] == 0).all()
+    if gather:
+        assert (grads[0][7] == 0).all()  # row 7 is never picked
+    assert torch.autograd.gradcheck(op, (x, weight, bias))
+
+
+@pytest.mark.parametrize("top_k, capacity", [(1, 0), (2, 0), (2, 2)])
+def test_combine_gradient_matches_finite_differences(top_k, capacity):
+    from himoe_plugin.core.experts import combine
+
+    torch.manual_seed(0)
+    expert_index = torch.stack([torch.randperm(4)[:top_k] for _ in range(7)])
+    weights = torch.rand(7, top_k, dtype=torch.float64, requires_grad=True)
+    plan = build_dispatch_plan(expert_index, weights, torch.rand(7, top_k), 4, capacity)
+    rows = torch.randn(sum(plan.rows_per_expert), 5, dtype=torch.float64, requires_grad=True)
+    assert (not plan.within_capacity.all()) == (capacity > 0)
+
+    def combined(expert_rows, routing_weights):
+        plan.combine_weight = routing_weights.reshape(-1)[plan.slot]
+        return combine(expert_rows, plan)
+
+    assert torch.autograd.gradcheck(combined, (rows, weights))
+
+
+def test_grouped_linear_follows_autocast_and_keeps_float32_parameter_grads():
+    from himoe_plugin.core.grouped_linear import grouped_linear
+
+    x = torch.randn(7, 6, requires_grad=True)
+    weight = torch.randn(2, 4, 6, requires_grad=True)
+    bias = torch.randn(2, 4, requires_grad=True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = grouped_linear(x, weight, bias, [4, 3])
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    reference = torch.cat([x[:4] @ weight[0].T + bias[0], x[4:] @ weight[1].T + bias[1]])
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=5e-2)

@@ -2,7 +2,7 @@
 routing from another one, routings of a subset of the instances, gradients to the first router."""
 import pytest
 import torch
-from test_block import batch, make_block
+from .test_block import batch, make_block
 
 from himoe_plugin.core import LOSS_BALANCE, LOSS_Z, RoutingPass
 

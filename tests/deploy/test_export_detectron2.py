@@ -17,8 +17,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "detectron2"))
-from d2_helpers import CONFIGS, HIMOE_YAML, REPO_ROOT, SMALL_OPTS, small_cfg  # noqa: E402
+from ..detectron2.d2_helpers import CONFIGS, HIMOE_YAML, REPO_ROOT, SMALL_OPTS, small_cfg
 
 from himoe_plugin.detectron2 import register_bundled_datasets  # noqa: E402
 

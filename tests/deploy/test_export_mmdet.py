@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deploy_helpers import (CONFIG_DIR, HIMOE_DINO, HIMOE_FASTER_RCNN, as_detections,
+from .deploy_helpers import (CONFIG_DIR, HIMOE_DINO, HIMOE_FASTER_RCNN, as_detections,
                             assert_same_detections, export_calibrated, valid_images_by_size)
 
 from himoe_plugin.core import MoEConfigError

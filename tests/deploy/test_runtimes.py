@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deploy_helpers import (DINO, FASTER_RCNN, REPO_ROOT, as_detections, assert_same_detections,
+from .deploy_helpers import (DINO, FASTER_RCNN, REPO_ROOT, as_detections, assert_same_detections,
                             export_calibrated, valid_images_by_size)
 
 from himoe_plugin.deploy.mmdet_export import (OUTPUTS, TWO_STAGE_INPUTS, eager_detections,

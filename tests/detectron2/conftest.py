@@ -1,6 +1,6 @@
 """Detectron2 test fixtures: the bundled datasets and an 8-image validation slice."""
 import pytest
-from d2_helpers import COCO128_SLICE, VALID_SLICE, small_cfg, write_slice
+from .d2_helpers import COCO128_SLICE, VALID_SLICE, small_cfg, write_slice
 
 from himoe_plugin.detectron2 import register_bundled_datasets, register_coco_dataset
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from d2_helpers import HIMOE_YAML, REPO_ROOT, small_cfg
+from .d2_helpers import HIMOE_YAML, REPO_ROOT, small_cfg
 from detectron2.modeling import build_model
 
 from himoe_plugin.core import count_parameters

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from d2_helpers import CONFIGS, REPO_ROOT, SMALL_OPTS, VALID_SLICE, small_cfg
+from .d2_helpers import CONFIGS, REPO_ROOT, SMALL_OPTS, VALID_SLICE, small_cfg
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import EventStorage
-from test_roi_head import make_inputs
+from .test_roi_head import make_inputs
 
 from himoe_plugin.core import MoEConfigError
 from himoe_plugin.detectron2 import InstanceMoECascadeROIHeads, MoEConvFCBoxHead, get_himoe_cfg

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from d2_helpers import CONFIGS, LAZYCONFIG_TOOL, REPO_ROOT
+from .d2_helpers import CONFIGS, LAZYCONFIG_TOOL, REPO_ROOT
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 

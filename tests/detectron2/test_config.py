@@ -1,7 +1,7 @@
 """Config plumbing: model-zoo inheritance, yaml == LazyConfig, clear errors for bad values."""
 import pytest
 import torch
-from d2_helpers import CONFIGS, HIMOE_YAML, small_cfg
+from .d2_helpers import CONFIGS, HIMOE_YAML, small_cfg
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 

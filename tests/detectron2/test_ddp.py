@@ -1,7 +1,7 @@
 """Two CPU processes (gloo) through the plugin's launcher and trainer: global routing."""
 import pytest
 import torch
-from d2_helpers import VALID_SLICE, small_cfg
+from .d2_helpers import VALID_SLICE, small_cfg
 from detectron2.utils import comm
 
 from himoe_plugin.detectron2 import register_bundled_datasets, register_coco_dataset

@@ -1,7 +1,7 @@
 """Detectron2's FLOP counter (fvcore) sees exactly the compute that was dispatched."""
 import pytest
 import torch
-from d2_helpers import DENSE_YAML, small_cfg
+from .d2_helpers import DENSE_YAML, small_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from d2_helpers import CONFIGS, LAZYCONFIG_TOOL
+from .d2_helpers import CONFIGS, LAZYCONFIG_TOOL
 
 
 @pytest.mark.slow

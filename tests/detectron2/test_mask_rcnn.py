@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from d2_helpers import COCO128_SLICE, CONFIGS, small_cfg
+from .d2_helpers import COCO128_SLICE, CONFIGS, small_cfg
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import build_model

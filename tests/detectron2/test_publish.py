@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from d2_helpers import CONFIGS, DENSE_YAML, REPO_ROOT, VALID_SLICE, small_cfg
+from .d2_helpers import CONFIGS, DENSE_YAML, REPO_ROOT, VALID_SLICE, small_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 

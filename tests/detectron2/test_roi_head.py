@@ -1,7 +1,7 @@
 """InstanceMoEROIHead on edge cases: empty images, padding, super-class supervision."""
 import pytest
 import torch
-from d2_helpers import small_cfg
+from .d2_helpers import small_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage

@@ -2,7 +2,7 @@
 keys, instead of crashing at iteration 0 or silently dropping cascade stages."""
 import pytest
 import torch
-from d2_helpers import CONFIGS, HIMOE_YAML, small_cfg
+from .d2_helpers import CONFIGS, HIMOE_YAML, small_cfg
 from detectron2 import model_zoo
 from detectron2.config import instantiate
 from detectron2.modeling import build_model

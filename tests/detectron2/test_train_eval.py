@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from d2_helpers import HIMOE_YAML, REPO_ROOT, SMALL_OPTS, VALID_SLICE, small_cfg
+from .d2_helpers import HIMOE_YAML, REPO_ROOT, SMALL_OPTS, VALID_SLICE, small_cfg
 
 from himoe_plugin.detectron2.engine import HIMoETrainer
 

@@ -1,7 +1,7 @@
 """Upcycling a dense Faster R-CNN checkpoint into HI-MoE, and expert-count mismatches."""
 import pytest
 import torch
-from d2_helpers import DENSE_YAML, VALID_SLICE, small_cfg
+from .d2_helpers import DENSE_YAML, VALID_SLICE, small_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import build_model

@@ -7,16 +7,7 @@ from typing import Dict, List
 import pytest
 from mmengine.config import Config
 from mmengine.runner import Runner
-from mmdet_helpers import HIMOE_CONFIG, TRAIN_ITERS, VALID_IMAGES, slice_eval_config, write_config
-
-
-@pytest.fixture(scope='session', autouse=True)
-def himoe_data_root(data_root: Path):
-    """Configs resolve ``$HIMOE_DATA_ROOT``: point them at the data the tests use."""
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv('HIMOE_DATA_ROOT', str(data_root))
-    yield data_root
-    patcher.undo()
+from .mmdet_helpers import HIMOE_CONFIG, TRAIN_ITERS, VALID_IMAGES, slice_eval_config, write_config
 
 
 @pytest.fixture(scope='session')

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmdet_helpers import (CONFIG_DIR, REPO_ROOT, dist_train_two_ranks, slice_eval_config,
+from .mmdet_helpers import (CONFIG_DIR, REPO_ROOT, dist_train_two_ranks, slice_eval_config,
                            subprocess_env, write_config)
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate

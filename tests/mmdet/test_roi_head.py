@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, build_model, load_config,
+from .mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, build_model, load_config,
                            real_batch)
 from mmdet.registry import DATASETS
 from mmengine.logging import HistoryBuffer, MessageHub

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from mmdet_helpers import (HIMOE_CONFIG, REPO_ROOT, TRAIN_ITERS, VALID_IMAGES,
+from .mmdet_helpers import (HIMOE_CONFIG, REPO_ROOT, TRAIN_ITERS, VALID_IMAGES,
                            dist_train_two_ranks, mmdet_tools_dir, slice_eval_config,
                            subprocess_env, write_config)
 from mmengine.config import Config

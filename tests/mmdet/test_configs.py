@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 from mmdet.registry import MODELS
-from mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_stock_config,
+from .mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_stock_config,
                            subprocess_env, without_roi_head, without_scope, write_config)
 from mmengine.config import Config
 from mmengine.registry import init_default_scope

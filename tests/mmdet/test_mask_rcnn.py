@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from mmdet.registry import MODELS
-from mmdet_helpers import (REPO_ROOT, mmdet_stock_config, without_roi_head, without_scope,
+from .mmdet_helpers import (REPO_ROOT, mmdet_stock_config, without_roi_head, without_scope,
                            write_config)
 from mmengine.config import Config
 from mmengine.registry import init_default_scope

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from mmdet.registry import LOG_PROCESSORS, MODELS
-from mmdet_helpers import (CONFIG_DIR, DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_tools_dir, subprocess_env,
+from .mmdet_helpers import (CONFIG_DIR, DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, mmdet_tools_dir, subprocess_env,
                            write_config)
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate

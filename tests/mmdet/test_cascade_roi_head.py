@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from mmdet.registry import MODELS
-from mmdet_helpers import (CONFIG_DIR, REPO_ROOT, build_model, load_config, mmdet_stock_config,
+from .mmdet_helpers import (CONFIG_DIR, REPO_ROOT, build_model, load_config, mmdet_stock_config,
                            mmdet_tools_dir, real_batch, slice_eval_config, subprocess_env,
                            without_roi_head, without_scope, write_config)
 from mmengine.config import Config

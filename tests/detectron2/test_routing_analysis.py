@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from d2_helpers import CONFIGS, DENSE_YAML, HIMOE_YAML, REPO_ROOT, SMALL_OPTS, VALID_SLICE, small_cfg
+from .d2_helpers import CONFIGS, DENSE_YAML, HIMOE_YAML, REPO_ROOT, SMALL_OPTS, VALID_SLICE, small_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import build_model
