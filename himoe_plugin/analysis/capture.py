@@ -80,7 +80,7 @@ class RoutingCapture:
 
     def _block_hook(self, name: str):
         def hook(module, args, output):
-            if isinstance(output, tuple):  # (outputs, Routing); DETR FFNs return outputs only
+            if isinstance(output, tuple):  # an MoEBlock returns (outputs, Routing)
                 self.pairs.append((name, output[1], self._boxes))
 
         return hook
