@@ -11,6 +11,7 @@ from .d2_helpers import CONFIGS, REPO_ROOT, SMALL_OPTS, VALID_SLICE, small_cfg
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import EventStorage
+from ..module_state import attribute_writes
 from .test_roi_head import make_inputs
 
 from himoe_plugin.core import MoEConfigError
@@ -195,28 +196,6 @@ def test_lazyconfig_route_once_needs_a_cascade():
     assert cascade.roi_heads.route_once == "instance" and len(cascade.roi_heads.box_heads) == 3
     stds = [head.box2box_transform.weights for head in cascade.roi_heads.box_predictors]
     assert stds == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]  # stages keep their predictors
-
-
-def attribute_writes(model):
-    """Record every attribute written on a module of ``model`` while the context is open (but
-    ``training``, which ``run_heads`` sets)."""
-    modules, writes = set(map(id, model.modules())), []
-    original = torch.nn.Module.__setattr__
-
-    def recording(module, name, value):
-        if id(module) in modules and name != "training":
-            writes.append(f"{type(module).__name__}.{name}")
-        original(module, name, value)
-
-    class Recorder:
-        def __enter__(self):
-            torch.nn.Module.__setattr__ = recording
-            return writes
-
-        def __exit__(self, *exc):
-            torch.nn.Module.__setattr__ = original
-
-    return Recorder()
 
 
 @pytest.mark.parametrize("route_once", ["", "instance"])

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ..module_state import attribute_writes
 from .mmdet_helpers import (DENSE_CONFIG, HIMOE_CONFIG, REPO_ROOT, build_model, load_config,
                            real_batch)
 from mmdet.registry import DATASETS
@@ -267,27 +268,6 @@ def test_import_without_mmdet_names_the_missing_package():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "himoe_plugin.mmdet needs the 'mmdet' package, which is not installed" in result.stdout
-
-
-def attribute_writes(model):
-    """Record every attribute written on a module of ``model`` while the context is open."""
-    modules, writes = set(map(id, model.modules())), []
-    original = torch.nn.Module.__setattr__
-
-    def recording(module, name, value):
-        if id(module) in modules:
-            writes.append(f'{type(module).__name__}.{name}')
-        original(module, name, value)
-
-    class Recorder:
-        def __enter__(self):
-            torch.nn.Module.__setattr__ = recording
-            return writes
-
-        def __exit__(self, *exc):
-            torch.nn.Module.__setattr__ = original
-
-    return Recorder()
 
 
 def routed_predictions(model, inputs, samples, proposals):
